@@ -1,0 +1,1 @@
+"""memsess: web sessions in a cluster of memcached servers, with redundancy."""

@@ -1,0 +1,107 @@
+"""The errors memsess raises, all under :class:`MemsessError`.
+
+::
+
+    MemsessError
+    ├── DSNError(ValueError)            a save_path that does not make sense
+    ├── SessionIdError(ValueError)      an id that memsess did not issue (malformed)
+    ├── SessionTooLargeError(ValueError) data over the servers' item size; nothing sent
+    ├── SerializationError(TypeError)   a value the serializer cannot encode
+    ├── InvalidKeyError(ValueError)     a memcached key memsess refuses to send
+    ├── ProtocolError                   bytes that break the memcached text protocol
+    │   └── ServerError                 the server's own CLIENT_ERROR / SERVER_ERROR / ERROR
+    ├── TransportError(OSError)         a socket failed; raised only inside memsess.transport
+    │   ├── ConnectError                connection refused or could not be opened
+    │   ├── TimeoutError                no answer within the server's timeout
+    │   └── ConnectionClosedError       the server closed the connection
+    └── ClusterError
+        ├── NoServerAvailableError      every server of a replica set is down
+        └── WriteError                  no copy of a write could be stored
+"""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "ClusterError",
+    "ConnectError",
+    "ConnectionClosedError",
+    "DSNError",
+    "InvalidKeyError",
+    "MemsessError",
+    "NoServerAvailableError",
+    "ProtocolError",
+    "SerializationError",
+    "ServerError",
+    "SessionIdError",
+    "SessionTooLargeError",
+    "TimeoutError",
+    "TransportError",
+    "WriteError",
+]
+
+
+class MemsessError(Exception):
+    """Base of every error memsess raises on purpose."""
+
+
+class DSNError(MemsessError, ValueError):
+    """A save_path (DSN) string, or one part of it, does not make sense."""
+
+
+class SessionIdError(MemsessError, ValueError):
+    """A session id is not of the form memsess issues; nothing was sent."""
+
+
+class SessionTooLargeError(MemsessError, ValueError):
+    """Serialized session data exceeds the servers' item size; nothing was sent."""
+
+
+class SerializationError(MemsessError, TypeError):
+    """The serializer cannot encode a value put in the session."""
+
+
+class InvalidKeyError(MemsessError, ValueError):
+    """A memcached key is empty, too long, or holds whitespace or control bytes."""
+
+
+class ProtocolError(MemsessError):
+    """The bytes exchanged do not follow memcached's text protocol."""
+
+
+class ServerError(ProtocolError):
+    """The server answered ERROR, CLIENT_ERROR or SERVER_ERROR."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind} {message}".strip())
+        self.kind = kind
+        self.message = message
+
+
+class TransportError(MemsessError, OSError):
+    """A connection to one server failed."""
+
+
+class ConnectError(TransportError):
+    """The connection was refused or could not be opened."""
+
+
+class TimeoutError(TransportError, builtins.TimeoutError):  # noqa: A001 - mirrors the builtin on purpose
+    """The server did not answer within its timeout."""
+
+
+class ConnectionClosedError(TransportError):
+    """The server closed the connection before the reply was complete."""
+
+
+class ClusterError(MemsessError):
+    """The cluster as a whole could not serve a request."""
+
+
+class NoServerAvailableError(ClusterError):
+    """Every server that could hold this session is down or unreachable."""
+
+
+class WriteError(ClusterError):
+    """No copy of a write could be stored on any server of its replica set."""
