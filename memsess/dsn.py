@@ -1,0 +1,370 @@
+"""Parse PHP memcache's ``session.save_path`` into frozen :class:`ServerSpec` values.
+
+Pure functions, no I/O: :func:`parse_dsn` and its inverse :func:`format_dsn`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Final, Literal, TypeVar
+
+from memsess.errors import DSNError
+
+__all__ = [
+    "DEFAULT_PERSISTENT",
+    "DEFAULT_PORT",
+    "DEFAULT_RETRY_INTERVAL",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_WEIGHT",
+    "MAX_PORT",
+    "Scheme",
+    "ServerSpec",
+    "format_dsn",
+    "parse_dsn",
+]
+
+Scheme = Literal["tcp", "udp", "unix"]
+
+# PHP's defaults: memcache.default_port, MMC_DEFAULT_TIMEOUT (1 s) and
+# MMC_DEFAULT_RETRY (15 s) in the memcache extension.
+DEFAULT_PORT: Final = 11211
+DEFAULT_WEIGHT: Final = 1
+DEFAULT_TIMEOUT: Final = 1.0
+DEFAULT_RETRY_INTERVAL: Final = 15.0
+# PHP's session handler defaults to persistent=0, but a Python process keeps its
+# connections open between requests anyway: the flag only says "pool them".
+DEFAULT_PERSISTENT: Final = True
+MAX_PORT: Final = 65535
+
+_T = TypeVar("_T")
+
+# C isspace() and ',' end a server entry in memcache_session.c; re.ASCII keeps
+# \s to the same six characters, so a stray U+00A0 is an error, not a separator.
+_SEPARATORS: Final = re.compile(r"[,\s]+", re.ASCII)
+_INTEGER: Final = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)  # bounded: int() caps digits
+_DECIMAL: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_HOSTNAME: Final = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
+_DOTTED_DIGITS: Final = re.compile(r"[0-9.]+", re.ASCII)
+# A socket path may hold anything but what ends an entry, starts a query, or
+# (in PHP's URL parser) starts a fragment.
+_UNIX_PATH: Final = re.compile(r"/[^\s,?#\x00]*", re.ASCII)
+_PORT: Final = re.compile(r"[0-9]{1,18}", re.ASCII)
+_BOOLEANS: Final = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
+_PARAMETERS: Final = ("persistent", "weight", "timeout", "retry_interval", "udp_port")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    """One memcached server of a save_path, validated on construction.
+
+    ``host`` is a host name or an IP address without brackets, or for ``unix``
+    the absolute socket path (``port`` is then 0). ``timeout`` (connect and I/O
+    deadline, default 1 s) and ``retry_interval`` (how long a down server is
+    skipped before it is probed again, default 15 s) are in seconds.
+    ``udp_port`` is where session reads go over UDP: the port of a ``udp://``
+    server, ``?udp_port=`` of a ``tcp://`` one, else None.
+    """
+
+    scheme: Scheme
+    host: str
+    port: int
+    weight: int = DEFAULT_WEIGHT
+    timeout: float = DEFAULT_TIMEOUT
+    retry_interval: float = DEFAULT_RETRY_INTERVAL
+    persistent: bool = DEFAULT_PERSISTENT
+    udp_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("tcp", "udp", "unix"):
+            raise DSNError(f"unknown scheme {self.scheme!r}; expected 'tcp', 'udp' or 'unix'")
+        _check_host(self.scheme, self.host)
+        _check_ports(self.scheme, self.port, self.udp_port)
+        if self.scheme == "udp" and self.udp_port is None:
+            # udp://host:port reads over UDP from that same port.
+            object.__setattr__(self, "udp_port", self.port)
+        if not _is_integer(self.weight) or self.weight < 1:
+            raise DSNError(f"weight must be an integer >= 1, got {self.weight!r}")
+        if not _is_real(self.timeout) or not (0 < self.timeout < math.inf):
+            raise DSNError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+        if not _is_real(self.retry_interval) or not (0 <= self.retry_interval < math.inf):
+            raise DSNError(
+                "retry_interval must be a finite number of seconds >= 0 (PHP's -1, "
+                f"'never retry', is not supported), got {self.retry_interval!r}"
+            )
+        if not isinstance(self.persistent, bool):
+            raise DSNError(f"persistent must be True or False, got {self.persistent!r}")
+
+    @property
+    def name(self) -> str:
+        """Stable display and hash-ring name: ``10.0.0.1:11211``, ``[::1]:11211``,
+        ``unix:/run/memcached.sock``."""
+        if self.scheme == "unix":
+            return f"unix:{self.host}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """What ``socket.connect`` takes: ``(host, port)``, or the socket path."""
+        return self.host if self.scheme == "unix" else (self.host, self.port)
+
+
+def _is_integer(value: object) -> bool:
+    # bool is an int subclass; weight=True is a bug in the caller, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_host(scheme: str, host: str) -> None:
+    """Raise DSNError unless ``host`` can be written into a save_path and read back."""
+    if not isinstance(host, str) or not host:
+        raise DSNError(f"host is empty ({host!r})")
+    if scheme == "unix":
+        if not _UNIX_PATH.fullmatch(host):
+            raise DSNError(
+                f"unix socket path {host!r} must be absolute, as in unix:///run/memcached.sock, "
+                "without whitespace, ',', '?' or '#'"
+            )
+        if host.endswith(":0"):
+            raise DSNError(f"unix socket path {host!r} ends in ':0', which PHP reads as a port")
+        return
+    if ":" in host:
+        _check_ip(host, ipaddress.IPv6Address, "IPv6")
+    elif _DOTTED_DIGITS.fullmatch(host):
+        _check_ip(host, ipaddress.IPv4Address, "IPv4")
+    elif not _HOSTNAME.fullmatch(host):
+        raise DSNError(f"invalid host name {host!r}: use letters, digits, '-', '.' and '_'")
+
+
+def _check_ip(host: str, parse: Callable[[str], object], family: str) -> None:
+    try:
+        parse(host)
+    except ValueError:
+        raise DSNError(f"invalid {family} address {host!r}") from None
+
+
+def _check_ports(scheme: str, port: int, udp_port: int | None) -> None:
+    if scheme == "unix":
+        if port != 0 or udp_port is not None:
+            raise DSNError(
+                f"unix sockets have no port or udp_port, got port={port!r} udp_port={udp_port!r}"
+            )
+        return
+    if not _is_integer(port) or not 1 <= port <= MAX_PORT:
+        raise DSNError(f"port must be an integer 1..{MAX_PORT}, got {port!r}")
+    if udp_port is None:
+        return
+    if not _is_integer(udp_port) or not 1 <= udp_port <= MAX_PORT:
+        raise DSNError(f"udp_port must be an integer 1..{MAX_PORT} or 0 for none, got {udp_port!r}")
+    if scheme == "udp" and udp_port != port:
+        raise DSNError(f"udp_port {udp_port!r} differs from the udp:// port {port!r}")
+
+
+def parse_dsn(save_path: str) -> tuple[ServerSpec, ...]:
+    """Parse a PHP memcache ``session.save_path`` into its servers, in order.
+
+    Entries are separated by commas and/or whitespace, e.g.
+    ``"tcp://10.0.0.1:11211?weight=2&timeout=0.5, unix:///run/memcached.sock"``.
+    Raises :class:`~memsess.errors.DSNError` naming the offending entry and part.
+    """
+    entries = [entry for entry in _SEPARATORS.split(save_path) if entry]
+    if not entries:
+        raise DSNError(f"save_path {save_path!r} lists no servers")
+    servers = tuple(_parse_server(entry) for entry in entries)
+    _check_distinct(servers, entries)
+    return servers
+
+
+def format_dsn(servers: Iterable[ServerSpec]) -> str:
+    """Write servers as a save_path that :func:`parse_dsn` reads back unchanged;
+    parameters at their defaults are left out."""
+    servers = tuple(servers)
+    entries = [_format_server(server) for server in servers]
+    if not entries:
+        raise DSNError("cannot format a save_path without servers")
+    _check_distinct(servers, entries)
+    return ", ".join(entries)
+
+
+def _check_distinct(servers: tuple[ServerSpec, ...], entries: list[str]) -> None:
+    # Two entries for one server would share its points on the hash ring, and a
+    # replica set could hold both "copies" on one machine.
+    seen: dict[tuple[str, int], str] = {}
+    for server, entry in zip(servers, entries, strict=True):
+        key = _identity(server)
+        if key in seen:
+            raise DSNError(
+                f"servers {seen[key]!r} and {entry!r} are the same server {server.name}; "
+                "list each server once"
+            )
+        seen[key] = entry
+
+
+def _identity(server: ServerSpec) -> tuple[str, int]:
+    """The server regardless of scheme, letter case and IPv6 spelling."""
+    if server.scheme == "unix":
+        return server.name, 0
+    try:
+        host = ipaddress.ip_address(server.host).compressed
+    except ValueError:
+        host = server.host.lower()
+    return host, server.port
+
+
+def _parse_server(entry: str) -> ServerSpec:
+    location, has_query, query = entry.partition("?")
+    try:
+        params = _parse_query(query) if has_query else {}
+        scheme, host, port = _parse_location(location)
+        if "udp_port" in params and scheme != "tcp":
+            raise DSNError(
+                f"udp_port does not apply to {scheme}:// servers; "
+                "write tcp://host:port?udp_port=N or udp://host:port"
+            )
+        return ServerSpec(
+            scheme,
+            host,
+            port,
+            weight=_param(params, "weight", _parse_integer, DEFAULT_WEIGHT),
+            timeout=_param(params, "timeout", _parse_seconds, DEFAULT_TIMEOUT),
+            retry_interval=_param(params, "retry_interval", _parse_seconds, DEFAULT_RETRY_INTERVAL),
+            persistent=_param(params, "persistent", _parse_boolean, DEFAULT_PERSISTENT),
+            udp_port=_param(params, "udp_port", _parse_udp_port, None),
+        )
+    except DSNError as exc:
+        raise DSNError(f"server {entry!r}: {exc}") from None
+
+
+def _parse_query(query: str) -> dict[str, str]:
+    if not query:
+        raise DSNError("'?' is not followed by any parameter")
+    params: dict[str, str] = {}
+    for item in query.split("&"):
+        name, has_value, value = item.partition("=")
+        if not name:
+            raise DSNError(f"empty parameter in {query!r} (a stray '&', or '=' without a name)")
+        if name not in _PARAMETERS:
+            raise DSNError(f"unknown parameter {name!r}; expected one of {', '.join(_PARAMETERS)}")
+        if name in params:
+            raise DSNError(f"duplicate parameter {name!r}")
+        if not has_value or not value:
+            raise DSNError(f"parameter {name!r} has no value")
+        params[name] = value
+    return params
+
+
+def _param(params: dict[str, str], name: str, convert: Callable[[str, str], _T], default: _T) -> _T:
+    return convert(name, params[name]) if name in params else default
+
+
+def _parse_location(location: str) -> tuple[Scheme, str, int]:
+    """Split ``[scheme://]host[:port]`` or ``unix://path`` into its parts."""
+    # memcache_session.c treats any entry starting with "unix:" as a socket:
+    # unix:///path and unix:/path both name /path.
+    if location[:5].lower() == "unix:":
+        path = location[5:]
+        path = path[2:] if path.startswith("//") else path
+        if not path:
+            raise DSNError("unix socket path is empty")
+        # PHP chops a trailing ":0" port off the path ("unix:///path:0").
+        return "unix", path.removesuffix(":0"), 0
+    scheme, has_scheme, rest = location.partition("://")
+    if not has_scheme:
+        if "/" in location:  # a mistyped "tcp:/host" would otherwise read as a host
+            raise DSNError(f"'/' in {location!r}; write tcp://host:port or unix:///path")
+        scheme, rest = "tcp", location
+    scheme = scheme.lower()
+    if scheme == "tcp":
+        return "tcp", *_split_host_port(rest)
+    if scheme == "udp":
+        return "udp", *_split_host_port(rest)
+    raise DSNError(f"unknown scheme {scheme!r}; expected tcp://, udp:// or unix://")
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, closed, after = text[1:].partition("]")
+        if not closed:
+            raise DSNError(f"unclosed '[' in {text!r}")
+        if ":" not in host:
+            raise DSNError(f"brackets are for IPv6 addresses only, got [{host}]")
+        if after and not after.startswith(":"):
+            raise DSNError(f"unexpected {after!r} after [{host}]")
+        return host, _parse_port(after[1:]) if after else DEFAULT_PORT
+    if text.count(":") > 1:
+        raise DSNError(
+            f"more than one ':' in {text!r}; write an IPv6 address in brackets, "
+            "as in tcp://[::1]:11211"
+        )
+    host, has_port, port = text.partition(":")
+    return host, _parse_port(port) if has_port else DEFAULT_PORT
+
+
+def _parse_port(text: str) -> int:
+    if not _PORT.fullmatch(text):
+        raise DSNError(f"port {text!r} is not a number")
+    return int(text)
+
+
+def _parse_integer(name: str, text: str) -> int:
+    if not _INTEGER.fullmatch(text):
+        raise DSNError(f"{name} must be an integer, got {text!r}")
+    return int(text)
+
+
+def _parse_seconds(name: str, text: str) -> float:
+    if not _DECIMAL.fullmatch(text):
+        raise DSNError(f"{name} must be a number of seconds, got {text!r}")
+    return float(text)
+
+
+def _parse_boolean(name: str, text: str) -> bool:
+    # Unlike PHP, where any string but "" and "0" is true (so "false" is true).
+    value = _BOOLEANS.get(text.lower())
+    if value is None:
+        raise DSNError(f"{name} must be one of 0/1/true/false/yes/no/on/off, got {text!r}")
+    return value
+
+
+def _parse_udp_port(name: str, text: str) -> int | None:
+    # udp_port=0 is PHP's default, "no UDP"; its own session test passes it.
+    port = _parse_integer(name, text)
+    return None if port == 0 else port
+
+
+def _format_server(server: ServerSpec) -> str:
+    if server.scheme == "unix":
+        location = f"unix://{server.host}"
+    else:
+        location = f"{server.scheme}://{server.name}"
+    params: list[str] = []
+    if server.persistent != DEFAULT_PERSISTENT:
+        params.append(f"persistent={int(server.persistent)}")
+    if server.weight != DEFAULT_WEIGHT:
+        params.append(f"weight={server.weight}")
+    if server.timeout != DEFAULT_TIMEOUT:
+        params.append(f"timeout={_format_seconds(server.timeout)}")
+    if server.retry_interval != DEFAULT_RETRY_INTERVAL:
+        params.append(f"retry_interval={_format_seconds(server.retry_interval)}")
+    if server.scheme == "tcp" and server.udp_port is not None:
+        params.append(f"udp_port={server.udp_port}")
+    return f"{location}?{'&'.join(params)}" if params else location
+
+
+def _format_seconds(seconds: float) -> str:
+    # repr() is the shortest text that reads back as the same float; Decimal
+    # writes it without an exponent (1e-05 -> 0.00001), and whole seconds lose
+    # their ".0" so PHP, whose retry_interval is an integer, reads them too.
+    text = format(Decimal(repr(float(seconds))), "f")
+    return text.removesuffix(".0")
