@@ -1,0 +1,427 @@
+"""memcached's text protocol (doc/protocol.txt), sans-I/O: commands become bytes and
+received bytes become replies. No sockets here (the h11 model): every transport reuses it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, NoReturn, TypeAlias
+
+from memsess.errors import ConnectionClosedError, InvalidKeyError, ProtocolError, ServerError
+
+# fmt: off
+__all__ = [
+    "MAX_KEY_LENGTH", "MAX_LINE_LENGTH", "NEED_DATA", "ClientProtocol", "Command", "ErrorReply",
+    "Item", "NeedData", "Reply", "ReplyKind", "Status", "Values", "Version",
+    "add", "cas", "check_key", "delete", "get", "set", "touch", "version",
+]
+# fmt: on
+
+#: protocol.txt, "Keys": "the length limit of a key is set at 250 characters".
+MAX_KEY_LENGTH: Final = 250
+#: The longest reply line read. The longest valid one, a VALUE line, is ~320 bytes; 8 KiB
+#: (h11's header limit is 16 KiB) leaves room for error messages while a peer that never
+#: sends \r\n cannot grow the buffer without bound.
+MAX_LINE_LENGTH: Final = 8192
+
+# protocol.txt: "the key must not include control characters or whitespace". memcached
+# itself takes control bytes other than space and \n, so this is the only guard against a
+# key that smuggles in a second command.
+_FORBIDDEN_KEY_BYTES: Final = bytes(range(0x21)) + b"\x7f"
+_MAX_FLAGS: Final = 2**32 - 1  # 32 bits since memcached 1.2.1; 1.6 silently truncates more
+_MAX_CAS: Final = 2**64 - 1  # "<cas unique> is a unique 64-bit value"
+# memcached 1.6.18 keeps times in 32 bits: exptime 2**31 already expires at once, and from
+# 2**63 on it answers CLIENT_ERROR, then reads the data block as a command.
+_MAX_EXPTIME: Final = 2**31 - 1
+# <bytes> is read as an int32; over INT_MAX - 2 the data block is not swallowed either.
+_MAX_DATA_LENGTH: Final = 2**31 - 3
+# Above this size one copy through a memoryview beats slicing the bytearray and copying
+# the slice (1 MiB: ~35 us against ~600 us here); below it the slice is cheaper.
+_MEMORYVIEW_COPY_SIZE: Final = 4096
+
+
+class ReplyKind(enum.Enum):
+    """The shape of reply a command expects."""
+
+    RETRIEVAL = "RETRIEVAL"
+    STORAGE = "STORAGE"
+    DELETE = "DELETE"
+    TOUCH = "TOUCH"
+    VERSION = "VERSION"
+
+    # Members are singletons compared by identity; hashing them by identity in C keeps
+    # the per-reply table lookup off Enum's Python-level __hash__ (~0.1 us).
+    __hash__ = object.__hash__
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command ready to write: its exact bytes and the kind of reply it expects."""
+
+    data: bytes
+    kind: ReplyKind
+
+
+_RETRIEVAL: Final = ReplyKind.RETRIEVAL
+_VERSION_COMMAND: Final = Command(b"version\r\n", ReplyKind.VERSION)
+
+
+def check_key(key: bytes) -> bytes:
+    """Return ``key`` if memcached takes it as one key, else raise InvalidKeyError.
+
+    A key is 1 to 250 bytes with no whitespace, control bytes (0x00-0x20) or DEL (0x7f).
+    """
+    if not isinstance(key, bytes):
+        raise TypeError(f"memcached keys are bytes, not {type(key).__name__}")
+    allowed = len(key.translate(None, _FORBIDDEN_KEY_BYTES))
+    if allowed == len(key) and 0 < allowed <= MAX_KEY_LENGTH:
+        return key
+    # Name the first bad byte, not the key: a hostile key would carry its payload into logs.
+    bad = [byte for byte in key if byte in _FORBIDDEN_KEY_BYTES][:1]
+    reason = f"byte 0x{bad[0]:02x} is not allowed" if bad else "it must be 1-250 bytes long"
+    raise InvalidKeyError(f"invalid memcached key of {len(key)} bytes: {reason}")
+
+
+def _check_number(name: str, value: int, maximum: int) -> int:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{name} must be between 0 and {maximum}, got {value}")
+    return value
+
+
+def get(*keys: bytes, cas: bool = False) -> Command:
+    """``get k1 k2 ...``, or ``gets`` with ``cas=True`` to read cas uniques. Replies Values."""
+    if not keys:
+        raise ValueError("get needs at least one key")
+    for key in keys:
+        check_key(key)
+    return Command(b"%b %b\r\n" % (b"gets" if cas else b"get", b" ".join(keys)), _RETRIEVAL)
+
+
+def _storage(
+    name: bytes, key: bytes, value: bytes, flags: int, exptime: int, *, suffix: bytes = b""
+) -> Command:
+    check_key(key)
+    _check_number("flags", flags, _MAX_FLAGS)
+    _check_number("exptime", exptime, _MAX_EXPTIME)
+    if len(value) > _MAX_DATA_LENGTH:
+        raise ValueError(f"a value must be at most {_MAX_DATA_LENGTH} bytes long")
+    # Never "noreply": the reply is how a write is known to have landed, and protocol.txt
+    # warns that a server may still answer a noreply request, putting the stream out of step.
+    data = b"%b %b %d %d %d%b\r\n%b\r\n" % (name, key, flags, exptime, len(value), suffix, value)
+    return Command(data, ReplyKind.STORAGE)
+
+
+def set(key: bytes, value: bytes, *, flags: int = 0, exptime: int = 0) -> Command:
+    """``set``: store ``value``. ``exptime`` in seconds: 0 never expires, over 30 days it
+    is a Unix time (protocol.txt, "Expiration times"). Replies STORED."""
+    return _storage(b"set", key, value, flags, exptime)
+
+
+def add(key: bytes, value: bytes, *, flags: int = 0, exptime: int = 0) -> Command:
+    """``add``: store only if the server holds no item for ``key``. STORED or NOT_STORED."""
+    return _storage(b"add", key, value, flags, exptime)
+
+
+def cas(key: bytes, value: bytes, cas_unique: int, *, flags: int = 0, exptime: int = 0) -> Command:
+    """``cas``: store only if the item is unchanged since ``gets`` read ``cas_unique``.
+    Replies STORED, EXISTS (changed since) or NOT_FOUND (gone)."""
+    suffix = b" %d" % _check_number("cas_unique", cas_unique, _MAX_CAS)
+    return _storage(b"cas", key, value, flags, exptime, suffix=suffix)
+
+
+def delete(key: bytes) -> Command:
+    """``delete``: replies DELETED or NOT_FOUND."""
+    return Command(b"delete %b\r\n" % check_key(key), ReplyKind.DELETE)
+
+
+def touch(key: bytes, exptime: int) -> Command:
+    """``touch``: a new ``exptime`` (seconds, as for set). Replies TOUCHED or NOT_FOUND."""
+    check_key(key)
+    exptime = _check_number("exptime", exptime, _MAX_EXPTIME)
+    return Command(b"touch %b %d\r\n" % (key, exptime), ReplyKind.TOUCH)
+
+
+def version() -> Command:
+    """``version``: replies a Version; a cheap liveness probe."""
+    return _VERSION_COMMAND
+
+
+class NeedData(enum.Enum):
+    """The type of NEED_DATA: an enum of one member, so ``reply is NEED_DATA`` narrows types."""
+
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+    __str__ = __repr__
+
+
+#: What ClientProtocol.next_reply returns while the next reply is incomplete.
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One item of a get reply; ``cas`` is its cas unique (None unless read by ``gets``)."""
+
+    key: bytes
+    flags: int
+    value: bytes
+    cas: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Values:
+    """The reply to a get: the items found, in the server's order (empty: all missed)."""
+
+    items: tuple[Item, ...]
+
+
+class Status(enum.Enum):
+    """The one-word reply to a storage, delete or touch command."""
+
+    STORED = "STORED"
+    NOT_STORED = "NOT_STORED"
+    EXISTS = "EXISTS"
+    NOT_FOUND = "NOT_FOUND"
+    DELETED = "DELETED"
+    TOUCHED = "TOUCHED"
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """The reply to ``version``: the server's version string, e.g. ``"1.6.18"``."""
+
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """ERROR, CLIENT_ERROR or SERVER_ERROR: the whole reply to one command.
+
+    The stream stays in step (protocol.txt, "Error strings"), but after a severe
+    SERVER_ERROR the server closes the connection.
+    """
+
+    kind: str
+    message: str
+
+    def to_exception(self) -> ServerError:
+        """The ServerError to raise for this reply."""
+        return ServerError(self.kind, self.message)
+
+
+Reply: TypeAlias = Values | Status | Version | ErrorReply
+
+
+def _words(*statuses: Status) -> dict[bytes, Status]:
+    return {status.value.encode(): status for status in statuses}
+
+
+# The replies protocol.txt lists for each command. Any other word means the stream is out
+# of step (a late reply to an earlier command, say), so it is a ProtocolError.
+_STATUS_REPLIES: Final = {
+    ReplyKind.STORAGE: _words(Status.STORED, Status.NOT_STORED, Status.EXISTS, Status.NOT_FOUND),
+    ReplyKind.DELETE: _words(Status.DELETED, Status.NOT_FOUND),
+    ReplyKind.TOUCH: _words(Status.TOUCHED, Status.NOT_FOUND),
+    ReplyKind.VERSION: _words(),
+}
+_ERROR_KINDS: Final = {kind.encode(): kind for kind in ("ERROR", "CLIENT_ERROR", "SERVER_ERROR")}
+
+
+class ClientProtocol:
+    """State of one connection (or one UDP request): commands sent, bytes received.
+
+    ``send(command)`` queues the reply it expects and returns the bytes to write;
+    ``receive_data(data)`` feeds what was read (``b""`` at EOF); ``next_reply()`` gives
+    one complete reply per command sent, oldest first (pipelining), or NEED_DATA.
+
+    After a ProtocolError every call raises again: the transport must close the connection,
+    so that a late reply is never read as the answer to a later command.
+    """
+
+    __slots__ = ("_buffer", "_eof", "_error", "_expected", "_items", "_max_value_size")
+
+    def __init__(self, *, max_value_size: int = 64 * 1024 * 1024) -> None:
+        """``max_value_size``: the longest value, in bytes, a get reply may carry (default
+        64 MiB); a longer one is a ProtocolError before its data is buffered."""
+        self._max_value_size = _check_number("max_value_size", max_value_size, 2**63)
+        self._buffer = bytearray()
+        self._eof = False
+        self._error: ProtocolError | None = None
+        self._expected: deque[ReplyKind] = deque()
+        self._items: list[Item] = []  # of the get being read, so none is parsed twice
+
+    @property
+    def pending(self) -> int:
+        """Commands sent whose reply next_reply has not returned yet."""
+        return len(self._expected)
+
+    def send(self, command: Command) -> bytes:
+        """Queue the reply ``command`` expects and return the bytes to write."""
+        if self._error is not None:
+            self._raise_dead()
+        if self._eof:
+            raise ConnectionClosedError("cannot send: the server closed the connection")
+        self._expected.append(command.kind)
+        return command.data
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the server; ``b""`` means it closed the connection."""
+        if self._error is not None:
+            self._raise_dead()
+        if data:
+            if self._eof:
+                raise RuntimeError("receive_data() got data after EOF")
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def next_reply(self) -> Reply | NeedData:
+        """The complete reply to the oldest pending command, or NEED_DATA.
+
+        Raises ProtocolError for bytes that break the protocol (the object is then dead),
+        ConnectionClosedError if the server closed the connection before the reply.
+        """
+        if self._error is not None:
+            self._raise_dead()
+        expected = self._expected
+        try:
+            if not expected:
+                if self._buffer:
+                    raise ProtocolError(f"{len(self._buffer)} bytes came with no command pending")
+                return NEED_DATA
+            kind = expected[0]
+            reply = self._read_values() if kind is _RETRIEVAL else self._read_line_reply(kind)
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        if reply is NEED_DATA:
+            if self._eof:
+                raise ConnectionClosedError(
+                    f"the server closed the connection before the reply to a "
+                    f"{kind.name.lower()} command ({len(expected)} commands unanswered)"
+                )
+            return NEED_DATA
+        expected.popleft()
+        return reply
+
+    def _raise_dead(self) -> NoReturn:
+        error = self._error
+        raise ProtocolError(f"connection unusable since a protocol error: {error}") from error
+
+    def _read_line_reply(self, kind: ReplyKind) -> Reply | NeedData:
+        buf = self._buffer
+        eol = buf.find(b"\r\n")
+        if eol < 0 or eol > MAX_LINE_LENGTH:
+            return _partial_line(buf, 0, eol)
+        line = bytes(buf[:eol])
+        del buf[: eol + 2]
+        status = _STATUS_REPLIES[kind].get(line)
+        if status is not None:
+            return status
+        # protocol.txt, "version": the server sends "VERSION <version>\r\n".
+        if kind is ReplyKind.VERSION and line.startswith(b"VERSION "):
+            return Version(line[8:].decode("ascii", "replace"))
+        return _error_reply(line, kind)
+
+    def _read_values(self) -> Values | ErrorReply | NeedData:
+        # protocol.txt, "Retrieval command": zero or more items, each "VALUE <key> <flags>
+        # <bytes> [<cas unique>]\r\n<data block>\r\n", then "END\r\n".
+        buf = self._buffer
+        pos = 0
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0 or eol - pos > MAX_LINE_LENGTH:
+                _partial_line(buf, pos, eol)
+                break
+            if buf.startswith(b"VALUE ", pos):
+                pos = self._read_item(buf, pos, eol)
+                if pos < 0:
+                    return NEED_DATA
+                continue
+            items = self._items
+            self._items = []
+            if eol - pos == 3 and buf.startswith(b"END", pos):
+                del buf[: eol + 2]
+                return Values(tuple(items))
+            # An error line ends the reply, even after some items: the server stops there.
+            line = bytes(buf[pos:eol])
+            del buf[: eol + 2]
+            return _error_reply(line, _RETRIEVAL)
+        del buf[:pos]
+        return NEED_DATA
+
+    def _read_item(self, buf: bytearray, pos: int, eol: int) -> int:
+        """Move the item whose VALUE line is ``buf[pos:eol]`` into self._items.
+
+        Returns the offset after its data block; if the block is incomplete, drops the
+        bytes before ``pos`` (their items are kept) and returns -1.
+        """
+        fields = bytes(buf[pos + 6 : eol]).split(b" ")
+        if len(fields) == 3:
+            key, flags_field, size_field = fields
+            cas_unique = None
+        elif len(fields) == 4 and fields[3].isdigit() and len(fields[3]) <= 20:
+            key, flags_field, size_field, cas_field = fields
+            cas_unique = int(cas_field)
+        else:
+            raise _malformed(buf, pos, eol)
+        # isdigit() on bytes is ASCII-only: no sign, space or underscore that int() would
+        # take. The length caps keep int() cheap.
+        if not (key and flags_field.isdigit() and size_field.isdigit()) or (
+            len(flags_field) > 10 or len(size_field) > 10
+        ):
+            raise _malformed(buf, pos, eol)
+        flags = int(flags_field)
+        size = int(size_field)
+        if flags > _MAX_FLAGS or (cas_unique is not None and cas_unique > _MAX_CAS):
+            raise _malformed(buf, pos, eol)
+        if size > self._max_value_size:
+            raise ProtocolError(
+                f"a {size}-byte value exceeds max_value_size {self._max_value_size}"
+            )
+        start = eol + 2
+        end = start + size
+        if len(buf) < end + 2:
+            del buf[:pos]
+            return -1
+        # The data block ends where <bytes> says, not at the first \r\n: \r\n may occur
+        # inside the data (protocol.txt, "Protocol"). The terminator must be right there.
+        if not buf.startswith(b"\r\n", end):
+            raise ProtocolError(f"a {size}-byte data block is not followed by \\r\\n")
+        if size < _MEMORYVIEW_COPY_SIZE:
+            value = bytes(buf[start:end])
+        else:
+            with memoryview(buf) as view:
+                value = view[start:end].tobytes()
+        self._items.append(Item(key, flags, value, cas_unique))
+        return end + 2
+
+
+def _partial_line(buf: bytearray, pos: int, eol: int) -> NeedData:
+    """NEED_DATA while the line at ``pos`` may still end within MAX_LINE_LENGTH."""
+    if eol >= 0 or len(buf) - pos > MAX_LINE_LENGTH:
+        raise ProtocolError(f"no \\r\\n within {MAX_LINE_LENGTH} bytes of a reply line")
+    return NEED_DATA
+
+
+def _malformed(buf: bytearray, pos: int, eol: int) -> ProtocolError:
+    return ProtocolError(f"malformed VALUE line {_excerpt(bytes(buf[pos:eol]))}")
+
+
+def _error_reply(line: bytes, kind: ReplyKind) -> ErrorReply:
+    word, _, message = line.partition(b" ")
+    error_kind = _ERROR_KINDS.get(word)
+    if error_kind is None:
+        raise ProtocolError(f"unexpected reply {_excerpt(line)} to a {kind.name.lower()} command")
+    return ErrorReply(error_kind, message.decode("utf-8", "replace"))
+
+
+def _excerpt(line: bytes) -> str:
+    return repr(line[:80]) + ("..." if len(line) > 80 else "")

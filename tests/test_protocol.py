@@ -1,0 +1,437 @@
+"""memsess.protocol: exact command bytes, replies fed whole and split at every byte,
+malformed replies, EOF, and a round trip through a real memcached."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memsess import protocol
+from memsess.errors import ConnectionClosedError, InvalidKeyError, ProtocolError, ServerError
+from memsess.protocol import (
+    NEED_DATA,
+    ClientProtocol,
+    Command,
+    ErrorReply,
+    Item,
+    Reply,
+    ReplyKind,
+    Status,
+    Values,
+    Version,
+)
+
+TRICKY_VALUE = b"a\r\nEND\r\nVALUE x 0 1\r\nb\r\n"
+BINARY_VALUE = bytes(range(256))
+
+
+def parse(commands: Iterable[Command], chunks: Iterable[bytes], **options: int) -> list[Reply]:
+    """Send ``commands``, feed ``chunks`` one by one, collect every reply."""
+    proto = ClientProtocol(**options)
+    for command in commands:
+        proto.send(command)
+    replies: list[Reply] = []
+    for chunk in chunks:
+        proto.receive_data(chunk)
+        while (reply := proto.next_reply()) is not NEED_DATA:
+            replies.append(reply)
+    assert proto.pending == 0
+    return replies
+
+
+def all_splits(data: bytes) -> Iterator[list[bytes]]:
+    """Every way to cut ``data`` in two non-empty chunks (b"" would mean EOF)."""
+    for offset in range(1, len(data)):
+        yield [data[:offset], data[offset:]]
+
+
+def test_builders_produce_exact_bytes() -> None:
+    assert protocol.get(b"k") == Command(b"get k\r\n", ReplyKind.RETRIEVAL)
+    assert protocol.get(b"a", b"b", cas=True).data == b"gets a b\r\n"
+    assert protocol.set(b"k", b"abc") == Command(b"set k 0 0 3\r\nabc\r\n", ReplyKind.STORAGE)
+    assert protocol.set(b"k", b"", flags=2**32 - 1, exptime=60).data == (
+        b"set k 4294967295 60 0\r\n\r\n"
+    )
+    assert protocol.set(b"k", TRICKY_VALUE).data == b"set k 0 0 24\r\n" + TRICKY_VALUE + b"\r\n"
+    assert protocol.add(b"k", b"v", flags=3, exptime=2**31 - 1).data == (
+        b"add k 3 2147483647 1\r\nv\r\n"
+    )
+    assert protocol.cas(b"k", b"v", 2**64 - 1, flags=1, exptime=5).data == (
+        b"cas k 1 5 1 18446744073709551615\r\nv\r\n"
+    )
+    assert protocol.cas(b"k", b"v", 0).kind is ReplyKind.STORAGE
+    assert protocol.delete(b"k") == Command(b"delete k\r\n", ReplyKind.DELETE)
+    assert protocol.touch(b"k", 1440) == Command(b"touch k 1440\r\n", ReplyKind.TOUCH)
+    assert protocol.version() == Command(b"version\r\n", ReplyKind.VERSION)
+
+
+@pytest.mark.parametrize(
+    ("build", "error"),
+    [
+        (protocol.get, ValueError),
+        (lambda: protocol.set(b"k", b"v", flags=-1), ValueError),
+        (lambda: protocol.set(b"k", b"v", flags=2**32), ValueError),  # memcached truncates it
+        (lambda: protocol.add(b"k", b"v", exptime=-1), ValueError),
+        (lambda: protocol.set(b"k", b"v", exptime=2**31), ValueError),  # wraps in memcached
+        (lambda: protocol.touch(b"k", -1), ValueError),
+        (lambda: protocol.cas(b"k", b"v", -1), ValueError),
+        (lambda: protocol.cas(b"k", b"v", 2**64), ValueError),
+        (lambda: protocol.set(b"k", b"v", flags=1.5), TypeError),  # type: ignore[arg-type]
+        (lambda: protocol.get("k"), TypeError),  # type: ignore[arg-type]
+    ],
+)
+def test_builders_reject_values_memcached_would_misread(
+    build: Callable[[], Command], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        build()
+
+
+HOSTILE_KEYS = [
+    b"",
+    b"a b",
+    b"a\r\nset x 0 0 1",
+    b"\x00",
+    b"k" * 251,
+    b"\x7f",
+    b"a\tb",
+    b"a\nb",
+    b"a\rb",
+    b"\x1b[31m",
+]
+BUILDERS: list[Callable[[bytes], Command]] = [
+    lambda key: protocol.get(b"ok", key),
+    lambda key: protocol.set(key, b"v"),
+    lambda key: protocol.add(key, b"v"),
+    lambda key: protocol.cas(key, b"v", 1),
+    protocol.delete,
+    lambda key: protocol.touch(key, 1),
+]
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS)
+def test_hostile_keys_are_refused_by_check_key_and_every_builder(key: bytes) -> None:
+    with pytest.raises(InvalidKeyError):
+        protocol.check_key(key)
+    for build in BUILDERS:
+        with pytest.raises(InvalidKeyError):
+            build(key)
+
+
+def test_check_key_accepts_every_other_key_up_to_250_bytes() -> None:
+    for key in (b"k" * 250, "sessiön:é".encode(), b"memsess:abc-_.~!", bytes(range(0x80, 0x100))):
+        assert protocol.check_key(key) is key
+
+
+# (command, the server's reply, the parsed reply); every reply kind and error line.
+REPLIES = [
+    (protocol.get(b"k"), b"END\r\n", Values(())),
+    (protocol.get(b"k"), b"VALUE k 5 3\r\nabc\r\nEND\r\n", Values((Item(b"k", 5, b"abc", None),))),
+    (protocol.get(b"k"), b"VALUE k 0 0\r\n\r\nEND\r\n", Values((Item(b"k", 0, b"", None),))),
+    (
+        protocol.get(b"a", b"b", b"c", cas=True),
+        b"VALUE a 1 24 7\r\n" + TRICKY_VALUE + b"\r\nVALUE c 4294967295 256 18446744073709551615"
+        b"\r\n" + BINARY_VALUE + b"\r\nEND\r\n",
+        Values((Item(b"a", 1, TRICKY_VALUE, 7), Item(b"c", 2**32 - 1, BINARY_VALUE, 2**64 - 1))),
+    ),
+    # An error line ends a get even after some items; the next reply still parses.
+    (
+        protocol.get(b"k", b"l"),
+        b"VALUE k 0 1\r\nx\r\nSERVER_ERROR out of memory writing get response\r\n",
+        ErrorReply("SERVER_ERROR", "out of memory writing get response"),
+    ),
+    (protocol.set(b"k", b"v"), b"STORED\r\n", Status.STORED),
+    (protocol.add(b"k", b"v"), b"NOT_STORED\r\n", Status.NOT_STORED),
+    (protocol.cas(b"k", b"v", 1), b"EXISTS\r\n", Status.EXISTS),
+    (protocol.cas(b"k", b"v", 1), b"NOT_FOUND\r\n", Status.NOT_FOUND),
+    (protocol.delete(b"k"), b"DELETED\r\n", Status.DELETED),
+    (protocol.delete(b"k"), b"NOT_FOUND\r\n", Status.NOT_FOUND),
+    (protocol.touch(b"k", 1), b"TOUCHED\r\n", Status.TOUCHED),
+    (protocol.touch(b"k", 1), b"NOT_FOUND\r\n", Status.NOT_FOUND),
+    (protocol.version(), b"VERSION 1.6.18\r\n", Version("1.6.18")),
+    (protocol.version(), b"ERROR\r\n", ErrorReply("ERROR", "")),
+    (
+        protocol.set(b"k", b"v"),
+        b"CLIENT_ERROR bad data chunk\r\n",
+        ErrorReply("CLIENT_ERROR", "bad data chunk"),
+    ),
+    (
+        protocol.set(b"k", b"v"),
+        b"SERVER_ERROR object too large for cache\r\n",
+        ErrorReply("SERVER_ERROR", "object too large for cache"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("command", "data", "expected"), REPLIES)
+def test_reply_parses_the_same_fed_whole_split_anywhere_or_byte_by_byte(
+    command: Command, data: bytes, expected: Reply
+) -> None:
+    assert parse([command], [data]) == [expected]
+    for head, tail in all_splits(data):
+        proto = ClientProtocol()
+        proto.send(command)
+        proto.receive_data(head)
+        assert proto.next_reply() is NEED_DATA
+        proto.receive_data(tail)
+        assert [proto.next_reply(), proto.next_reply()] == [expected, NEED_DATA]
+    assert parse([command], [data[i : i + 1] for i in range(len(data))]) == [expected]
+
+
+def test_pipelined_replies_come_out_in_order_however_they_are_split() -> None:
+    commands = [command for command, _, _ in REPLIES]
+    data = b"".join(wire for _, wire, _ in REPLIES)
+    expected = [reply for _, _, reply in REPLIES]
+    assert parse(commands, [data]) == expected
+    for chunks in all_splits(data):
+        assert parse(commands, chunks) == expected
+    assert parse(commands, [data[i : i + 7] for i in range(0, len(data), 7)]) == expected
+
+
+def test_error_reply_becomes_server_error() -> None:
+    error = ErrorReply("SERVER_ERROR", "out of memory").to_exception()
+    assert isinstance(error, ServerError)
+    assert (error.kind, error.message, str(error)) == (
+        "SERVER_ERROR",
+        "out of memory",
+        "SERVER_ERROR out of memory",
+    )
+
+
+def test_large_value_in_many_chunks() -> None:
+    value = os.urandom(1 << 20)
+    data = b"VALUE big 0 %d 1\r\n%b\r\nEND\r\n" % (len(value), value)
+    chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+    assert parse([protocol.get(b"big")], chunks) == [Values((Item(b"big", 0, value, 1),))]
+
+
+MALFORMED = [
+    (protocol.get(b"k"), b"STORED\r\n"),
+    (protocol.get(b"k"), b"VALUE k 0 3\r\nabcd\r\nEND\r\n"),  # block longer than announced
+    (protocol.get(b"k"), b"VALUE k 0 3\r\nab\r\nEND\r\n"),  # shorter
+    (protocol.get(b"k"), b"VALUE k 0 1\r\naXYEND\r\n"),  # no \r\n right after the block
+    (protocol.get(b"k"), b"VALUE k 0\r\n"),
+    (protocol.get(b"k"), b"VALUE k 0 1 2 3\r\n"),
+    (protocol.get(b"k"), b"VALUE  k 0 1\r\n"),
+    (protocol.get(b"k"), b"VALUE k x 1\r\n"),
+    (protocol.get(b"k"), b"VALUE k 0 -1\r\n"),
+    (protocol.get(b"k"), b"VALUE k 0 +1\r\n"),
+    (protocol.get(b"k"), b"VALUE k 0 1_0\r\n"),
+    (protocol.get(b"k"), b"VALUE k 4294967296 1\r\n"),
+    (protocol.get(b"k"), b"VALUE k 0 1 18446744073709551616\r\n"),
+    (protocol.get(b"k"), b"VALUE k 0 1 -5\r\n"),
+    (protocol.get(b"k"), b"VALUE k 0 11\r\n"),  # over max_value_size (10), data never sent
+    (protocol.get(b"k"), b"END \r\n"),
+    (protocol.get(b"k"), b"x" * 9000),  # no line end within MAX_LINE_LENGTH
+    (protocol.set(b"k", b"v"), b"DELETED\r\n"),
+    (protocol.set(b"k", b"v"), b"stored\r\n"),
+    (protocol.set(b"k", b"v"), b"STORED \r\n"),
+    (protocol.delete(b"k"), b"STORED\r\n"),
+    (protocol.touch(b"k", 1), b"DELETED\r\n"),
+    (protocol.version(), b"VERSION\r\n"),
+    (protocol.version(), b"STORED\r\n"),
+    (protocol.version(), b"\r\n"),
+    (protocol.version(), b"y" * 9000 + b"\r\n"),
+]
+
+
+@pytest.mark.parametrize(("command", "data"), MALFORMED)
+def test_malformed_reply_raises_and_the_protocol_stays_dead(command: Command, data: bytes) -> None:
+    proto = ClientProtocol(max_value_size=10)
+    proto.send(command)
+    proto.receive_data(data)
+    with pytest.raises(ProtocolError) as raised:
+        proto.next_reply()
+    assert not isinstance(raised.value, ServerError)
+    proto_calls: list[Callable[[], object]] = [
+        proto.next_reply,
+        lambda: proto.receive_data(b"END\r\n"),
+        proto.next_reply,
+        lambda: proto.send(protocol.version()),
+    ]
+    for call in proto_calls:
+        with pytest.raises(ProtocolError, match="unusable"):
+            call()
+
+
+def test_reply_with_no_command_pending_is_a_protocol_error() -> None:
+    proto = ClientProtocol()
+    assert proto.next_reply() is NEED_DATA
+    proto.send(protocol.set(b"k", b"v"))
+    # A late second reply (say, to a command of a connection given up on) must never be
+    # taken as the answer to the next command.
+    proto.receive_data(b"STORED\r\nSTORED\r\n")
+    assert proto.next_reply() is Status.STORED
+    with pytest.raises(ProtocolError, match="no command pending"):
+        proto.next_reply()
+    with pytest.raises(ProtocolError):
+        proto.send(protocol.set(b"k", b"v"))
+
+
+@pytest.mark.parametrize(("command", "data", "expected"), REPLIES)
+def test_eof_before_the_reply_is_complete_raises_connection_closed(
+    command: Command, data: bytes, expected: Reply
+) -> None:
+    for offset in range(len(data)):
+        proto = ClientProtocol()
+        proto.send(command)
+        proto.receive_data(data[:offset])
+        proto.receive_data(b"")
+        for _ in range(2):
+            with pytest.raises(ConnectionClosedError):
+                proto.next_reply()
+    # A reply completed before the close is still delivered.
+    proto = ClientProtocol()
+    proto.send(command)
+    proto.receive_data(data)
+    proto.receive_data(b"")
+    assert proto.next_reply() == expected
+    assert proto.next_reply() is NEED_DATA
+    with pytest.raises(ConnectionClosedError):
+        proto.send(command)
+
+
+def test_pending_counts_commands_whose_reply_is_not_returned() -> None:
+    proto = ClientProtocol()
+    assert proto.send(protocol.get(b"k")) == b"get k\r\n"
+    proto.send(protocol.delete(b"k"))
+    assert proto.pending == 2
+    proto.receive_data(b"VALUE k 0 1\r\nx")
+    assert (proto.next_reply(), proto.pending) == (NEED_DATA, 2)
+    proto.receive_data(b"\r\nEND\r\nDELE")
+    assert (proto.next_reply(), proto.pending) == (Values((Item(b"k", 0, b"x", None),)), 1)
+    assert (proto.next_reply(), proto.pending) == (NEED_DATA, 1)
+    proto.receive_data(b"TED\r\n")
+    assert (proto.next_reply(), proto.pending) == (Status.DELETED, 0)
+    assert repr(NEED_DATA) == "NEED_DATA"
+
+
+KEY_BYTES = [byte for byte in range(0x21, 0x100) if byte != 0x7F]
+ITEMS = st.lists(
+    st.builds(
+        Item,
+        key=st.lists(st.sampled_from(KEY_BYTES), min_size=1, max_size=250).map(bytes),
+        flags=st.integers(0, 2**32 - 1),
+        value=st.binary(max_size=3000) | st.sampled_from([TRICKY_VALUE, b"END\r\n", b"\r\n"]),
+        cas=st.none() | st.integers(0, 2**64 - 1),
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=ITEMS, cuts=st.lists(st.integers(0, 20000), max_size=8))
+def test_random_get_replies_survive_random_splits(items: list[Item], cuts: list[int]) -> None:
+    data = b"".join(
+        b"VALUE %b %d %d%b\r\n%b\r\n"
+        % (i.key, i.flags, len(i.value), b"" if i.cas is None else b" %d" % i.cas, i.value)
+        for i in items
+    )
+    data += b"END\r\nSTORED\r\n"
+    bounds = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds) if a < b]
+    commands = [protocol.get(b"k", cas=True), protocol.set(b"k", b"v")]
+    assert parse(commands, chunks) == [Values(tuple(items)), Status.STORED]
+
+
+# --- against a real memcached ---------------------------------------------------------
+
+MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
+
+
+@pytest.fixture(scope="module")
+def memcached_address() -> Iterator[tuple[str, int]]:
+    if not os.access(MEMCACHED, os.X_OK):
+        pytest.skip("memcached is not installed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [MEMCACHED, "-p", str(port), "-l", "127.0.0.1", "-U", "0"]
+    if os.geteuid() == 0:
+        args += ["-u", "nobody"]  # memcached refuses to run as root otherwise
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        yield ("127.0.0.1", port)
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+
+
+def round_trip(address: tuple[str, int], *commands: Command) -> list[Reply]:
+    """Pipeline ``commands`` on a fresh blocking socket and read every reply."""
+    proto = ClientProtocol()
+    replies: list[Reply] = []
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(b"".join(proto.send(command) for command in commands))
+        while proto.pending:
+            reply = proto.next_reply()
+            if reply is NEED_DATA:
+                proto.receive_data(sock.recv(65536))
+            else:
+                replies.append(reply)
+    return replies
+
+
+def test_real_memcached_replies_parse(memcached_address: tuple[str, int]) -> None:
+    key = b"memsess-test:" + uuid.uuid4().hex.encode()
+    other = key + b":other"
+    value = BINARY_VALUE + TRICKY_VALUE
+    stored, hit, missing = round_trip(
+        memcached_address,
+        protocol.set(key, value, flags=7, exptime=60),
+        protocol.get(key),
+        protocol.get(other),
+    )
+    assert (stored, hit, missing) == (
+        Status.STORED,
+        Values((Item(key, 7, value, None),)),
+        Values(()),
+    )
+    (gets,) = round_trip(memcached_address, protocol.get(other, key, cas=True))
+    assert isinstance(gets, Values)
+    (item,) = gets.items
+    assert item.cas is not None
+    assert (item.key, item.flags, item.value) == (key, 7, value)
+    replies = round_trip(
+        memcached_address,
+        protocol.cas(key, b"new", item.cas),
+        protocol.cas(key, b"stale", item.cas),
+        protocol.cas(other, b"v", item.cas),
+        protocol.add(key, b"v"),
+        protocol.add(other, b"v", exptime=60),
+        protocol.touch(key, 120),
+        protocol.delete(key),
+        protocol.delete(key),
+        protocol.touch(key, 120),
+        protocol.get(key, other),
+        protocol.set(key, b"x" * (1024 * 1024 + 1)),  # over memcached's default 1 MB item
+        protocol.version(),
+    )
+    too_large, version = replies[-2:]
+    assert replies[:-2] == [
+        *(Status.STORED, Status.EXISTS, Status.NOT_FOUND, Status.NOT_STORED, Status.STORED),
+        *(Status.TOUCHED, Status.DELETED, Status.NOT_FOUND, Status.NOT_FOUND),
+        Values((Item(other, 0, b"v", None),)),
+    ]
+    assert too_large == ErrorReply("SERVER_ERROR", "object too large for cache")
+    assert isinstance(version, Version)
+    assert version.version.startswith("1.")
