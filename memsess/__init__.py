@@ -1,1 +1,54 @@
-"""memsess: web sessions in a cluster of memcached servers, with redundancy."""
+"""memsess: web sessions in a cluster of memcached servers, with redundancy.
+
+``SessionStore.from_dsn("tcp://a:11211, tcp://b:11211", redundancy=2)`` is the
+whole entry point; see the README for the adapters (Flask, Django, WSGI).
+"""
+
+from memsess.cluster import ServerStatus
+from memsess.dsn import ServerSpec, parse_dsn
+from memsess.errors import (
+    ClusterError,
+    ConnectError,
+    ConnectionClosedError,
+    DSNError,
+    InvalidKeyError,
+    MemsessError,
+    NoServerAvailableError,
+    ProtocolError,
+    SerializationError,
+    ServerError,
+    SessionGoneError,
+    SessionIdError,
+    SessionTooLargeError,
+    TimeoutError,
+    TransportError,
+    WriteError,
+)
+from memsess.store import SessionStore, Snapshot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClusterError",
+    "ConnectError",
+    "ConnectionClosedError",
+    "DSNError",
+    "InvalidKeyError",
+    "MemsessError",
+    "NoServerAvailableError",
+    "ProtocolError",
+    "SerializationError",
+    "ServerError",
+    "ServerSpec",
+    "ServerStatus",
+    "SessionGoneError",
+    "SessionIdError",
+    "SessionStore",
+    "SessionTooLargeError",
+    "Snapshot",
+    "TimeoutError",
+    "TransportError",
+    "WriteError",
+    "__version__",
+    "parse_dsn",
+]

@@ -16,7 +16,8 @@
     │   └── ConnectionClosedError       the server closed the connection
     └── ClusterError
         ├── NoServerAvailableError      every server of a replica set is down
-        └── WriteError                  no copy of a write could be stored
+        ├── WriteError                  no copy of a write could be stored
+        └── SessionGoneError(KeyError)  a conditional save met a logout made elsewhere
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "ProtocolError",
     "SerializationError",
     "ServerError",
+    "SessionGoneError",
     "SessionIdError",
     "SessionTooLargeError",
     "TimeoutError",
@@ -84,11 +86,27 @@ class TransportError(MemsessError, OSError):
 
 
 class ConnectError(TransportError):
-    """The connection was refused or could not be opened."""
+    """The connection was refused or could not be opened.
+
+    ``refused`` is True when the server actively refused (nothing listens):
+    such a server is marked down at once, without waiting for more failures.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class TimeoutError(TransportError, builtins.TimeoutError):  # noqa: A001 - mirrors the builtin on purpose
-    """The server did not answer within its timeout."""
+    """The server did not answer within its timeout.
+
+    ``straggler`` is True when the request was cut short because the other
+    copies had already answered and the straggler window had passed.
+    """
+
+    def __init__(self, message: str, *, straggler: bool = False) -> None:
+        super().__init__(message)
+        self.straggler = straggler
 
 
 class ConnectionClosedError(TransportError):
@@ -105,3 +123,8 @@ class NoServerAvailableError(ClusterError):
 
 class WriteError(ClusterError):
     """No copy of a write could be stored on any server of its replica set."""
+
+
+class SessionGoneError(ClusterError, KeyError):
+    """A conditional save found the session logged out (a tombstone) since it was
+    loaded: the save was not applied, and the logout stands."""

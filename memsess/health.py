@@ -1,0 +1,89 @@
+"""Server health as a value: pure transitions of (health, event, now) -> health.
+
+The cluster keeps one :class:`Health` per server in a lock-protected table and
+only ever stores what these functions return; time is always passed in, so the
+retry interval is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Final
+
+__all__ = [
+    "DEFAULT_FAILURE_THRESHOLD",
+    "Health",
+    "State",
+    "claim_probe",
+    "on_failure",
+    "on_success",
+]
+
+# Consecutive timeouts (or dropped stragglers) before a server is marked down.
+# One slow reply on a loaded 2-core machine is noise; three in a row is a hang.
+DEFAULT_FAILURE_THRESHOLD: Final = 3
+
+
+class State(enum.Enum):
+    UP = "up"
+    SUSPECT = "suspect"  # failed recently, still used
+    DOWN = "down"  # skipped until retry_at
+    PROBING = "probing"  # one request is trying it again
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What memsess believes about one server at one moment."""
+
+    state: State = State.UP
+    failures: int = 0  # consecutive failures
+    retry_at: float = 0.0  # monotonic seconds; meaningful when DOWN
+    reason: str = ""  # last failure, for health() and logs
+    since: float = 0.0  # monotonic seconds of the last state change
+
+    @property
+    def usable(self) -> bool:
+        """True when requests should include this server without a probe."""
+        return self.state is State.UP or self.state is State.SUSPECT
+
+
+def on_success(health: Health, now: float) -> Health:
+    """A reply arrived: the server is up."""
+    if health.state is State.UP and health.failures == 0:
+        return health
+    since = health.since if health.state is State.UP else now
+    return Health(State.UP, 0, 0.0, "", since)
+
+
+def on_failure(
+    health: Health,
+    now: float,
+    *,
+    reason: str,
+    retry_interval: float,
+    immediate: bool = False,
+    threshold: int = DEFAULT_FAILURE_THRESHOLD,
+) -> Health:
+    """A request failed. ``immediate`` (a refused connection, a failed probe)
+    marks the server down at once; otherwise it goes down after ``threshold``
+    consecutive failures."""
+    failures = health.failures + 1
+    if immediate or health.state is State.PROBING or failures >= threshold:
+        since = health.since if health.state is State.DOWN else now
+        return Health(State.DOWN, failures, now + retry_interval, reason, since)
+    since = health.since if health.state is State.SUSPECT else now
+    return replace(health, state=State.SUSPECT, failures=failures, reason=reason, since=since)
+
+
+def claim_probe(health: Health, now: float, *, probe_timeout: float) -> Health | None:
+    """A down server whose retry interval has passed is handed to exactly one
+    request as a probe: returns the PROBING health to store, or None when the
+    server must still be skipped (not due, or another request is probing).
+
+    A probe that never reported back (its thread died) is given up after
+    ``probe_timeout`` seconds so the server cannot stay PROBING forever."""
+    due = health.state is State.DOWN or health.state is State.PROBING
+    if due and now >= health.retry_at:
+        return replace(health, state=State.PROBING, retry_at=now + probe_timeout, since=now)
+    return None

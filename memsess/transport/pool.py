@@ -1,0 +1,132 @@
+"""Non-blocking stream connections (TCP, unix) to one server and their idle pool.
+
+A connection is held by one thread at a time: it is popped from the pool,
+used for one exchange, and pushed back only when no reply is outstanding.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import weakref
+from collections import deque
+from typing import Final
+
+from memsess.dsn import ServerSpec
+from memsess.errors import ConnectError
+from memsess.protocol import ClientProtocol
+
+__all__ = ["Connection", "ServerPool"]
+
+# Idle connections kept per server. A request holds one connection per server,
+# so this bounds sockets at (threads in flight) while idle.
+DEFAULT_MAX_IDLE: Final = 32
+
+_IN_PROGRESS: Final = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY})
+# Nothing listens there: the server is down, not slow (DESIGN: "marked down at once").
+_REFUSED: Final = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET})
+
+
+class Connection:
+    """One socket with its protocol state."""
+
+    __slots__ = ("connected", "fd", "protocol", "reused", "sock")
+
+    def __init__(self, sock: socket.socket, *, connected: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.connected = connected
+        self.protocol = ClientProtocol()
+        self.reused = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ServerPool:
+    """Idle connections to one server, shared by every thread of the process."""
+
+    __slots__ = ("__weakref__", "_address", "_family", "_idle", "max_idle", "spec")
+
+    def __init__(self, spec: ServerSpec, *, max_idle: int = DEFAULT_MAX_IDLE) -> None:
+        self.spec = spec
+        self.max_idle = max_idle
+        self._idle: deque[Connection] = deque()
+        self._family, self._address = _resolve(spec)
+        _POOLS.add(self)
+
+    def acquire(self) -> Connection:
+        """An idle connection, or a new one whose connect may still be in progress.
+
+        Raises ConnectError when the connect fails at once."""
+        try:
+            conn = self._idle.pop()  # deque.pop is atomic: no lock needed
+        except IndexError:
+            return self.open()
+        conn.reused = True
+        return conn
+
+    def open(self) -> Connection:
+        sock = socket.socket(self._family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if self._family != socket.AF_UNIX:
+            # Commands are one small write each; Nagle would hold them back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        code = sock.connect_ex(self._address)
+        if code == 0:
+            return Connection(sock, connected=True)
+        if code in _IN_PROGRESS and self._family != socket.AF_UNIX:
+            return Connection(sock, connected=False)
+        sock.close()
+        raise connect_error(self.spec, code)
+
+    def release(self, conn: Connection) -> None:
+        """Give back a connection with no reply outstanding."""
+        if len(self._idle) < self.max_idle:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def clear(self) -> None:
+        """Close every idle connection."""
+        while True:
+            try:
+                self._idle.pop().close()
+            except IndexError:
+                return
+
+    def _forget_after_fork(self) -> None:
+        # A forked child must not share sockets with its parent (a reply meant
+        # for one could be read by the other). Closing the child's copy of a
+        # descriptor sends nothing: the parent still holds the socket open.
+        self.clear()
+
+
+def connect_error(spec: ServerSpec, code: int) -> ConnectError:
+    reason = os.strerror(code) if code else "connection failed"
+    return ConnectError(f"memcached {spec.name}: connect failed: {reason}", refused=code in _REFUSED)
+
+
+def _resolve(spec: ServerSpec) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
+    # Resolved once, at start-up: a DNS lookup must never sit in a request.
+    address = spec.address
+    if isinstance(address, str):
+        return socket.AF_UNIX, address
+    try:
+        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConnectError(f"memcached {spec.name}: cannot resolve host: {exc}") from exc
+    family, _, _, _, sockaddr = infos[0]
+    return family, (str(sockaddr[0]), int(sockaddr[1]))
+
+
+_POOLS: weakref.WeakSet[ServerPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._forget_after_fork()  # noqa: SLF001 - module-private hook
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
