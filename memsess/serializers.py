@@ -1,0 +1,614 @@
+"""Session data to bytes and back: msgpack (default, keeps Python types) or plain JSON.
+
+Never pickle: these bytes come back from a shared cache, and unpickling them would run code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import functools
+import json
+import math
+import struct
+import threading
+import types
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
+
+import msgpack
+
+from memsess.errors import SerializationError
+
+__all__ = [
+    "JSON",
+    "MAX_DATA_BYTES",
+    "MAX_EXT_NESTING",
+    "MAX_NESTING",
+    "MSGPACK",
+    "SERIALIZERS",
+    "JSONSerializer",
+    "MsgpackSerializer",
+    "Serializer",
+    "get_serializer",
+]
+
+#: loads() refuses larger input; the same bound as msgpack's own Unpacker(max_buffer_size).
+MAX_DATA_BYTES: Final = 100 * 1024 * 1024
+#: dumps() refuses containers nested deeper than this (it also catches cycles early).
+MAX_NESTING: Final = 100
+#: Tuples and sets inside tuples and sets. Each level is a nested msgpack payload and
+#: decoding one takes ~40 KiB of C stack: 200 levels (a 1 KiB input) crash an 8 MiB stack.
+MAX_EXT_NESTING: Final = 16
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """Turns session data into bytes and back, without running code found in the bytes."""
+
+    @property
+    def name(self) -> str:
+        """Short name used in settings: "msgpack", "json"."""
+
+    @property
+    def id(self) -> int:
+        """One byte stored in each record: 1 msgpack, 2 json, 128..255 user serializers."""
+
+    def dumps(self, data: Mapping[str, Any]) -> bytes:
+        """Encode; SerializationError names the key path and type of a value it cannot encode."""
+
+    def loads(self, raw: bytes) -> dict[str, Any]:
+        """Decode; ValueError (only) on bytes that are not a dict with str keys."""
+
+
+# msgpack ext type codes. -1 is msgpack's own Timestamp; ours are 1..127 and stored
+# in shared caches, so a code, once released, never changes meaning.
+_TUPLE: Final = 1
+_SET: Final = 2
+_FROZENSET: Final = 3
+_NAIVE_DATETIME: Final = 4
+_AWARE_DATETIME: Final = 5
+_DATE: Final = 6
+_TIME: Final = 7
+_TIMEDELTA: Final = 8
+_UUID: Final = 9
+_DECIMAL: Final = 10
+_MARKUP: Final = 11
+_BIG_INT: Final = 12
+
+_EPOCH: Final = dt.datetime(1970, 1, 1)
+_MICROSECOND: Final = dt.timedelta(microseconds=1)
+_OFFSET: Final = struct.Struct(">q")  # UTC offset in microseconds (whole seconds are legal)
+_ORDINAL: Final = struct.Struct(">I")
+_TIME_OF_DAY: Final = struct.Struct(">q")  # microseconds since midnight
+_DURATION: Final = struct.Struct(">iII")  # timedelta's own normalized days, seconds, microseconds
+_INT64_MIN: Final = -(2**63)
+_UINT64_END: Final = 2**64
+
+_Encoder = Callable[[Any, int], Any]
+
+
+def _unsupported(value: object) -> str:
+    return f"cannot serialize object of type {type(value).__qualname__}"
+
+
+@functools.cache
+def _markup_class() -> type[str] | None:
+    """markupsafe.Markup, imported on first use: only Flask/Jinja apps have it."""
+    try:
+        from markupsafe import Markup
+    except ImportError:
+        return None
+    return Markup
+
+
+def _pack_items(items: list[Any], depth: int) -> bytes:
+    if depth >= MAX_EXT_NESTING:
+        raise TypeError(f"tuples and sets nested deeper than {MAX_EXT_NESTING} levels")
+    # packb, not the thread's Packer: this runs inside that Packer's pack() call.
+    packed: bytes = msgpack.packb(
+        items, default=_DEFAULTS[depth + 1], strict_types=True, use_bin_type=True
+    )
+    return packed
+
+
+def _wall_clock(value: dt.datetime) -> msgpack.Timestamp:
+    # Integer arithmetic: Timestamp.from_datetime() went through float (and treated naive
+    # as local time) in the msgpack versions we support, which shifts far-off dates.
+    delta = value.replace(tzinfo=None) - _EPOCH
+    return msgpack.Timestamp(delta.days * 86400 + delta.seconds, delta.microseconds * 1000)
+
+
+def _encode_datetime(value: dt.datetime, depth: int) -> object:
+    offset = value.utcoffset()
+    if offset is None:
+        return msgpack.ExtType(_NAIVE_DATETIME, _wall_clock(value).to_bytes())
+    if not offset:  # UTC: msgpack's standard Timestamp, readable as a time by any msgpack
+        return _wall_clock(value)
+    # Wall clock + offset rather than the instant: near datetime.min/max the instant
+    # may fall outside datetime's range while the wall clock never does.
+    return msgpack.ExtType(
+        _AWARE_DATETIME, _OFFSET.pack(offset // _MICROSECOND) + _wall_clock(value).to_bytes()
+    )
+
+
+def _encode_time(value: dt.time, depth: int) -> msgpack.ExtType:
+    of_day = (value.hour * 3600 + value.minute * 60 + value.second) * 10**6 + value.microsecond
+    offset = value.utcoffset()
+    if offset is None and value.tzinfo is not None:
+        raise TypeError(f"time with tzinfo {value.tzinfo!r} has no fixed UTC offset")
+    suffix = b"" if offset is None else _OFFSET.pack(offset // _MICROSECOND)
+    return msgpack.ExtType(_TIME, _TIME_OF_DAY.pack(of_day) + suffix)
+
+
+def _encode_int(value: int, depth: int) -> object:
+    number = int.__int__(value)  # IntEnum and friends: their value, as JSON would
+    if _INT64_MIN <= number < _UINT64_END:
+        return number
+    return msgpack.ExtType(
+        _BIG_INT, number.to_bytes(number.bit_length() // 8 + 1, "big", signed=True)
+    )
+
+
+def _encode_markup(value: Any, depth: int) -> msgpack.ExtType:
+    # Flask's TagMarkup rule: anything with __html__ is markup, stored as its HTML.
+    return msgpack.ExtType(_MARKUP, str(value.__html__()).encode("utf-8"))
+
+
+# Exact types msgpack cannot pack itself (with strict_types=True, subclasses of the
+# types it can pack come here too; _SUBCLASS_ENCODERS handles them).
+_ENCODERS: Final[dict[type, _Encoder]] = {
+    tuple: lambda value, depth: msgpack.ExtType(_TUPLE, _pack_items(list(value), depth)),
+    set: lambda value, depth: msgpack.ExtType(_SET, _pack_items(list(value), depth)),
+    frozenset: lambda value, depth: msgpack.ExtType(_FROZENSET, _pack_items(list(value), depth)),
+    dt.datetime: _encode_datetime,
+    dt.date: lambda value, depth: msgpack.ExtType(_DATE, _ORDINAL.pack(value.toordinal())),
+    dt.time: _encode_time,
+    dt.timedelta: lambda value, depth: msgpack.ExtType(
+        _TIMEDELTA, _DURATION.pack(value.days, value.seconds, value.microseconds)
+    ),
+    uuid.UUID: lambda value, depth: msgpack.ExtType(_UUID, value.bytes),
+    decimal.Decimal: lambda value, depth: msgpack.ExtType(_DECIMAL, str(value).encode("ascii")),
+    int: _encode_int,  # reached only for ints outside msgpack's 64-bit range
+}
+
+# First match wins: datetime before date, the special types before the builtins they
+# subclass. Subclasses of builtins become the builtin, as json.dumps would make them.
+_SUBCLASS_ENCODERS: Final[tuple[tuple[type | tuple[type, ...], _Encoder], ...]] = (
+    *((cls, _ENCODERS[cls]) for cls in (dt.datetime, dt.date, dt.time, dt.timedelta)),
+    *((cls, _ENCODERS[cls]) for cls in (uuid.UUID, decimal.Decimal, tuple, set, frozenset)),
+    (int, _encode_int),
+    (float, lambda value, depth: float.__float__(value)),
+    (str, lambda value, depth: str.__str__(value)),
+    ((bytes, bytearray), lambda value, depth: bytes(value)),
+    (dict, lambda value, depth: dict(value)),
+    (list, lambda value, depth: list(value)),
+)
+
+
+def _encoder_for(value: object) -> _Encoder | None:
+    encode = _ENCODERS.get(type(value))
+    if encode is not None:
+        return encode
+    if callable(getattr(value, "__html__", None)):
+        return _encode_markup
+    for cls, encode in _SUBCLASS_ENCODERS:
+        if isinstance(value, cls):
+            return encode
+    return None
+
+
+def _default(value: object, depth: int) -> object:
+    """msgpack's default= hook for values inside `depth` levels of tuples and sets."""
+    encode = _encoder_for(value)
+    if encode is None:
+        raise TypeError(_unsupported(value))
+    return encode(value, depth)
+
+
+_DEFAULTS: Final = tuple(
+    functools.partial(_default, depth=depth) for depth in range(MAX_EXT_NESTING + 1)
+)
+
+
+def _unpack(raw: bytes, depth: int) -> Any:
+    # unpackb sets max_str_len, max_array_len, ... to len(raw) (documented), so a header
+    # claiming 2**31 items fails before anything is allocated for them.
+    return msgpack.unpackb(
+        raw,
+        ext_hook=_EXT_HOOKS[depth],
+        object_hook=_require_str_keys,
+        raw=False,
+        strict_map_key=True,
+        timestamp=3,
+    )
+
+
+def _require_str_keys(mapping: dict[Any, Any]) -> dict[str, Any]:
+    # strict_map_key still lets bin (bytes) keys through; dumps() never writes them.
+    for key in mapping:
+        if type(key) is not str:
+            raise ValueError(f"map key of type {type(key).__qualname__}, not str")
+    return mapping
+
+
+def _unpack_items(data: bytes, depth: int) -> list[Any]:
+    if depth >= MAX_EXT_NESTING:
+        raise ValueError(f"tuples and sets nested deeper than {MAX_EXT_NESTING} levels")
+    items = _unpack(data, depth + 1)
+    if type(items) is not list:
+        raise ValueError(f"payload is a {type(items).__qualname__}, not an array")
+    return items
+
+
+def _decode_wall_clock(data: bytes) -> dt.datetime:
+    stamp = msgpack.Timestamp.from_bytes(data)
+    return _EPOCH + dt.timedelta(seconds=stamp.seconds, microseconds=stamp.nanoseconds // 1000)
+
+
+def _decode_timezone(data: bytes) -> dt.timezone:
+    (offset,) = _OFFSET.unpack(data)
+    return dt.timezone(dt.timedelta(microseconds=offset))
+
+
+def _decode_time(data: bytes, depth: int) -> dt.time:
+    if len(data) not in (8, 16):
+        raise ValueError(f"{len(data)} bytes, not 8 or 16")
+    (of_day,) = _TIME_OF_DAY.unpack_from(data)
+    seconds, microsecond = divmod(of_day, 10**6)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    tzinfo = _decode_timezone(data[8:]) if len(data) == 16 else None
+    return dt.time(hour, minute, second, microsecond, tzinfo=tzinfo)
+
+
+def _decode_markup(data: bytes, depth: int) -> str:
+    text = data.decode("utf-8")
+    markup = _markup_class()
+    return text if markup is None else markup(text)
+
+
+_DECODERS: Final[dict[int, Callable[[bytes, int], Any]]] = {
+    _TUPLE: lambda data, depth: tuple(_unpack_items(data, depth)),
+    _SET: lambda data, depth: set(_unpack_items(data, depth)),
+    _FROZENSET: lambda data, depth: frozenset(_unpack_items(data, depth)),
+    _NAIVE_DATETIME: lambda data, depth: _decode_wall_clock(data),
+    _AWARE_DATETIME: lambda data, depth: _decode_wall_clock(data[8:]).replace(
+        tzinfo=_decode_timezone(data[:8])
+    ),
+    _DATE: lambda data, depth: dt.date.fromordinal(_ORDINAL.unpack(data)[0]),
+    _TIME: _decode_time,
+    _TIMEDELTA: lambda data, depth: dt.timedelta(*_DURATION.unpack(data)),
+    _UUID: lambda data, depth: uuid.UUID(bytes=data),
+    _DECIMAL: lambda data, depth: decimal.Decimal(data.decode("ascii")),
+    _MARKUP: _decode_markup,
+    _BIG_INT: lambda data, depth: int.from_bytes(data, "big", signed=True),
+}
+
+
+def _decode_ext(code: int, data: bytes, depth: int) -> Any:
+    """msgpack's ext_hook= for ext types found inside `depth` levels of tuples and sets."""
+    decode = _DECODERS.get(code)
+    if decode is None:
+        raise ValueError(f"unknown msgpack ext type {code}")
+    try:
+        return decode(data, depth)
+    except Exception as exc:  # struct.error, decimal.InvalidOperation, ... all mean corrupt
+        raise ValueError(f"ext type {code}: {exc}") from exc
+
+
+_EXT_HOOKS: Final = tuple(
+    functools.partial(_decode_ext, depth=depth) for depth in range(MAX_EXT_NESTING + 1)
+)
+
+
+class _Rules(NamedTuple):
+    """What a serializer accepts, for _find_problem()."""
+
+    leaf_problem: Callable[[Any], str | None]
+    containers: tuple[type, ...]  # walked into
+    nested_payloads: tuple[type, ...]  # walked into, and count towards MAX_EXT_NESTING
+
+
+# A problem found under a value: the path to it (labels, innermost first) and what is wrong.
+_Found = tuple[list[Any], str]
+
+
+def _container_problem(
+    value: Any, is_payload: bool, depth: int, ext_depth: int, ancestors: set[int]
+) -> str | None:
+    if id(value) in ancestors:
+        return "circular reference"
+    if depth >= MAX_NESTING:
+        return f"containers nested deeper than {MAX_NESTING} levels"
+    if is_payload and ext_depth >= MAX_EXT_NESTING:
+        return f"tuples and sets nested deeper than {MAX_EXT_NESTING} levels"
+    for key in value if isinstance(value, dict) else ():
+        if type(key) is not str:
+            return f"dict key of type {type(key).__qualname__} (keys must be str)"
+    return None
+
+
+def _find_problem(
+    value: Any, rules: _Rules, depth: int, ext_depth: int, ancestors: set[int]
+) -> _Found | None:
+    """The first thing under value that `rules` refuse (the slow path: errors only)."""
+    is_payload = isinstance(value, rules.nested_payloads)
+    if not (is_payload or isinstance(value, rules.containers)):
+        problem = rules.leaf_problem(value)
+        return None if problem is None else ([], problem)
+    problem = _container_problem(value, is_payload, depth, ext_depth, ancestors)
+    if problem is not None:
+        return [], problem
+    ancestors.add(id(value))
+    if isinstance(value, dict):
+        labelled: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, (set, frozenset)):
+        labelled = ((..., item) for item in value)  # members have no key or index
+    else:
+        labelled = enumerate(value)
+    for label, child in labelled:
+        found = _find_problem(child, rules, depth + 1, ext_depth + is_payload, ancestors)
+        if found is not None:
+            found[0].append(label)
+            return found
+    ancestors.discard(id(value))
+    return None
+
+
+def _problem_message(session: dict[str, Any], rules: _Rules) -> str | None:
+    """Like "session['cart'][2]: cannot serialize object of type Foo"; None if all is well."""
+    found = _find_problem(session, rules, 0, 0, set())
+    if found is None:
+        return None
+    labels, problem = found
+    path = "".join("[...]" if label is ... else f"[{label!r}]" for label in reversed(labels))
+    return f"session{path}: {problem}"
+
+
+def _utf8_problem(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "str is not valid UTF-8 (it holds a lone surrogate)"
+    return None
+
+
+_MSGPACK_NATIVE: Final = frozenset({bytes, int, float, bool, type(None), bytearray, memoryview})
+
+
+def _msgpack_leaf_problem(value: Any) -> str | None:
+    if type(value) is str:
+        return _utf8_problem(value)
+    if type(value) in _MSGPACK_NATIVE:
+        return None
+    encode = _encoder_for(value)
+    if encode is None:
+        return _unsupported(value)
+    try:
+        encoded = encode(value, 0)
+    except Exception as exc:  # whatever __html__, utcoffset(), ... raise
+        return f"cannot serialize {type(value).__qualname__}: {exc}"
+    return _utf8_problem(encoded) if isinstance(encoded, str) else None
+
+
+_MSGPACK_RULES: Final = _Rules(
+    _msgpack_leaf_problem, (dict, list, tuple, set, frozenset), (tuple, set, frozenset)
+)
+
+# Types that hold no dict, skipped by the fast key check without an isinstance() call.
+_SCALARS: Final = frozenset({str, int, float, bool, type(None), bytes})
+_WALKED: Final = (dict, list, tuple)  # sets cannot hold dicts: dicts are unhashable
+
+
+def _keys_are_plain(value: Any, depth: int) -> bool:
+    """Every dict under value has str keys, within MAX_NESTING: the check on every dumps()."""
+    if depth >= MAX_NESTING:
+        return False
+    if isinstance(value, dict):
+        for key in value:
+            if type(key) is not str:
+                return False
+        children = value.values()
+    else:
+        children = value
+    for child in children:
+        if type(child) in _SCALARS or not isinstance(child, _WALKED):
+            continue
+        if not _keys_are_plain(child, depth + 1):
+            return False
+    return True
+
+
+def _as_dict(data: Mapping[str, Any]) -> dict[str, Any]:
+    if type(data) is dict:
+        return data
+    if not isinstance(data, Mapping):
+        raise SerializationError(f"session: data must be a mapping, not {type(data).__qualname__}")
+    return dict(data)
+
+
+def _explain(session: dict[str, Any], exc: Exception | None) -> SerializationError:
+    return SerializationError(_problem_message(session, _MSGPACK_RULES) or f"session: {exc}")
+
+
+def _check_size(raw: bytes) -> bytes:
+    if len(raw) > MAX_DATA_BYTES:
+        raise ValueError(f"{len(raw)} bytes, over the {MAX_DATA_BYTES}-byte limit")
+    return raw
+
+
+_local = threading.local()
+# A Packer's buffer grows to the largest session it packed and stays that size; past
+# this size a thread drops its Packer so one huge session does not pin memory per thread.
+_PACKER_KEEP_BYTES: Final = 64 * 1024
+
+
+def _pack(session: dict[str, Any]) -> bytes:
+    # One Packer per thread (a Packer is not thread-safe): packb() builds a Packer per
+    # call, which measured here as half the cost of packing a 200-byte session.
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(
+            default=_DEFAULTS[0], strict_types=True, use_bin_type=True, buf_size=4096
+        )
+    packed: bytes = packer.pack(session)
+    if len(packed) > _PACKER_KEEP_BYTES:
+        del _local.packer
+    return packed
+
+
+class MsgpackSerializer:
+    """msgpack, with ext types for the Python values web frameworks put in sessions.
+
+    Ext type codes (payloads are big-endian):
+
+    ====  ======================  ===================================================
+    code  type                    payload
+    ====  ======================  ===================================================
+    -1    datetime, UTC offset 0  msgpack's standard Timestamp (back with tzinfo UTC)
+    1     tuple                   msgpack array
+    2     set                     msgpack array
+    3     frozenset               msgpack array
+    4     naive datetime          Timestamp layout of the wall clock read as UTC
+    5     aware datetime          int64 UTC offset in us, then the wall clock as in 4
+    6     date                    uint32 proleptic Gregorian ordinal
+    7     time                    int64 us since midnight [+ int64 UTC offset in us]
+    8     timedelta               int32 days, uint32 seconds, uint32 microseconds
+    9     UUID                    16 bytes
+    10    Decimal                 str(value), ASCII
+    11    Markup (has __html__)   its HTML, UTF-8; back as markupsafe.Markup if importable
+    12    int beyond 64 bits      two's complement
+    ====  ======================  ===================================================
+
+    Aware datetimes and times come back with a fixed-offset ``datetime.timezone`` (the
+    offset they had; zone names are not kept). Subclasses of str, int, float, bytes,
+    dict and list come back as the builtin (as with JSON); other types raise
+    :class:`~memsess.errors.SerializationError`. Thread-safe.
+    """
+
+    name = "msgpack"
+    id = 1
+
+    def dumps(self, data: Mapping[str, Any]) -> bytes:
+        """Encode session data; SerializationError names the path of a value it cannot."""
+        session = _as_dict(data)
+        if _keys_are_plain(session, 0):
+            try:
+                return _pack(session)
+            # default=, msgpack's own limits, a failing __html__(): all are the data's fault.
+            except Exception as exc:
+                vars(_local).pop("packer", None)  # do not trust a Packer that failed midway
+                raise _explain(session, exc) from exc
+        raise _explain(session, None)
+
+    def loads(self, raw: bytes) -> dict[str, Any]:
+        """Decode what dumps() wrote; ValueError, and nothing else, for any other bytes."""
+        try:
+            data = _unpack(_check_size(raw), 0)
+        except Exception as exc:  # msgpack's docs: unpackb raises more than UnpackException
+            raise ValueError(f"cannot decode msgpack session data: {exc}") from exc
+        if type(data) is not dict:
+            raise ValueError(f"msgpack session data is a {type(data).__qualname__}, not a map")
+        return data
+
+
+def _json_leaf_problem(value: Any) -> str | None:
+    if value is None or isinstance(value, (bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"float {value!r} is not valid JSON"
+    if callable(getattr(value, "__html__", None)):
+        return f"{type(value).__qualname__} would lose its HTML-safe mark in JSON; use msgpack"
+    if isinstance(value, str):
+        return _utf8_problem(value)
+    if isinstance(value, tuple):
+        return "tuple would come back from JSON as a list; store a list, or use msgpack"
+    return f"{_unsupported(value)} as JSON; use msgpack"
+
+
+_JSON_RULES: Final = _Rules(_json_leaf_problem, (dict, list), ())
+# check_circular off: _find_problem() has already refused cycles and deep nesting.
+_JSON_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")
+)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")  # Python's json accepts NaN, Infinity
+
+
+_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+class JSONSerializer:
+    """Plain UTF-8 JSON that any language can read: JSON types only, nothing converted.
+
+    dict (str keys), list, str, int, float (finite), bool and None. Everything else,
+    tuples and Markup included, raises :class:`~memsess.errors.SerializationError`
+    rather than coming back as something else. Thread-safe.
+    """
+
+    name = "json"
+    id = 2
+
+    def dumps(self, data: Mapping[str, Any]) -> bytes:
+        """Encode session data; SerializationError names the path of a value it cannot."""
+        session = _as_dict(data)
+        problem = _problem_message(session, _JSON_RULES)
+        if problem is not None:
+            raise SerializationError(problem)
+        try:
+            return _JSON_ENCODER.encode(session).encode("utf-8")
+        except ValueError as exc:  # an int past sys.get_int_max_str_digits()
+            raise SerializationError(f"session: {exc}") from exc
+
+    def loads(self, raw: bytes) -> dict[str, Any]:
+        """Decode UTF-8 JSON; ValueError, and nothing else, for any other bytes."""
+        try:
+            data = _JSON_DECODER.decode(str(_check_size(raw), "utf-8"))
+        except Exception as exc:  # also RecursionError on deeply nested input
+            raise ValueError(f"cannot decode JSON session data: {exc}") from exc
+        if type(data) is not dict:
+            raise ValueError(f"JSON session data is a {type(data).__qualname__}, not an object")
+        return data
+
+
+#: The built-in serializers, shared: they hold no per-call state.
+MSGPACK: Final = MsgpackSerializer()
+JSON: Final = JSONSerializer()
+#: Built-in serializers by record id, to read records another serializer wrote.
+SERIALIZERS: Final[Mapping[int, Serializer]] = types.MappingProxyType(
+    {MSGPACK.id: MSGPACK, JSON.id: JSON}
+)
+_BY_NAME: Final[Mapping[str, Serializer]] = {MSGPACK.name: MSGPACK, JSON.name: JSON}
+
+
+def get_serializer(spec: str | Serializer) -> Serializer:
+    """The serializer named `spec` ("msgpack" or "json"), or `spec` itself once checked.
+
+    A serializer of your own needs ``name``, ``id`` (128..255: 0..127 are memsess's),
+    ``dumps()`` and ``loads()``.
+    """
+    if isinstance(spec, str):
+        try:
+            return _BY_NAME[spec]
+        except KeyError:
+            choices = ", ".join(repr(name) for name in sorted(_BY_NAME))
+            raise ValueError(
+                f"unknown serializer {spec!r}: choose {choices}, or pass an object "
+                "with name, id, dumps() and loads()"
+            ) from None
+    if not isinstance(spec, Serializer):
+        raise TypeError(
+            f"serializer must be a name or an object with name, id, dumps() and loads(), "
+            f"not {type(spec).__qualname__}"
+        )
+    builtin = SERIALIZERS.get(spec.id) if type(spec.id) is int else None
+    if builtin is not None and isinstance(spec, type(builtin)):
+        return spec  # a built-in class, maybe subclassed: same bytes, same id
+    if type(spec.id) is not int or not 128 <= spec.id <= 255:
+        raise ValueError(f"serializer {spec.name!r} has id {spec.id!r}: use 128..255")
+    return spec
