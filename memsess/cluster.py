@@ -26,7 +26,15 @@ from memsess.health import (
     on_success,
 )
 from memsess.protocol import Command
-from memsess.transport import DEFAULT_STRAGGLER_WINDOW, Result, ServerPool, fanout
+from memsess.transport import (
+    DEFAULT_STRAGGLER_WINDOW,
+    DatagramLostError,
+    Result,
+    ServerPool,
+    UdpPool,
+    UdpRoutes,
+    fanout,
+)
 
 __all__ = ["Cluster", "ServerStatus"]
 
@@ -47,6 +55,7 @@ class ServerStatus:
     reason: str  # the last failure, "" when none
     retry_in: float | None  # seconds until a down server is probed again
     weight: int
+    udp: str = "n/a"  # session reads: "on" (over UDP), "off (<why>; retried in <s> s)", "n/a"
 
 
 class Cluster:
@@ -73,6 +82,12 @@ class Cluster:
         self.straggler_window = straggler_window
         self.failure_threshold = failure_threshold
         self.pools = tuple(ServerPool(spec) for spec in self.servers)
+        # Gets to a server with a udp_port go over UDP; everything else over its pool.
+        self.udp_pools = tuple(
+            None if spec.udp_port is None else UdpPool(spec) for spec in self.servers
+        )
+        routes = {p: u for p, u in zip(self.pools, self.udp_pools, strict=True) if u is not None}
+        self._routes = UdpRoutes(routes) if routes else None
         self._health = [Health(since=monotonic()) for _ in self.servers]
         self._lock = threading.Lock()
         ring = HashRing(
@@ -112,9 +127,12 @@ class Cluster:
             [pools[index] for index, _ in batch],
             [command for _, command in batch],
             straggler_window=self.straggler_window,
+            exchange_factory=self._routes,
         )
         health = self._health
         for (index, _), result in zip(batch, results, strict=True):
+            if isinstance(result, DatagramLostError):
+                continue  # a lost datagram says nothing about the server
             if isinstance(result, MemsessError) or health[index].failures or not health[index].usable:
                 self._record(index, result)
         return results
@@ -131,13 +149,17 @@ class Cluster:
                 reason=h.reason,
                 retry_in=max(0.0, h.retry_at - now) if h.state is State.DOWN else None,
                 weight=spec.weight,
+                udp="n/a" if udp is None else udp.status(now),
             )
-            for spec, h in zip(self.servers, table, strict=True)
+            for spec, h, udp in zip(self.servers, table, self.udp_pools, strict=True)
         ]
 
     def close(self) -> None:
         for pool in self.pools:
             pool.clear()
+        for udp_pool in self.udp_pools:
+            if udp_pool is not None:
+                udp_pool.clear()
 
     def _with_probes(self, members: tuple[int, ...]) -> list[int]:
         now = monotonic()
@@ -184,6 +206,6 @@ def _log_transition(spec: ServerSpec, before: Health, after: Health, result: Res
             spec.retry_interval,
         )
     elif after.state is State.UP and before.state in (State.DOWN, State.PROBING):
-        log.warning("memcached %s is back up", spec.name)
+        log.info("memcached %s is back up", spec.name)
     elif after.state is State.SUSPECT and isinstance(result, TimeoutError):
         log.info("memcached %s is slow: %s", spec.name, after.reason)

@@ -188,6 +188,13 @@ class SessionStore:
         self.delete(sid)
         return fresh
 
+    def locate(self, sid: str) -> tuple[str, ...]:
+        """The addresses of the servers that hold (or would hold) the copies of
+        ``sid``, in ring order, whether they are up or not."""
+        key = storage_key(self.key_prefix, sid).decode("ascii")
+        servers = self._cluster.servers
+        return tuple(servers[index].name for index in self._cluster.replica_set(key))
+
     def health(self) -> list[ServerStatus]:
         """One entry per server: address, state, consecutive failures, last
         failure, seconds until a down server is probed again."""

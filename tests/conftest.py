@@ -1,0 +1,63 @@
+"""Shared fixtures: a real local memcached cluster and stores on it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from memsess import SessionStore
+from memsess.records import storage_key
+from memsess.testing import LocalCluster
+
+# Short enough that a hung server is noticed quickly in tests, long enough that
+# a loaded 2-core machine never times out a healthy one.
+TEST_TIMEOUT = 0.5
+TEST_RETRY_INTERVAL = 0.3
+
+StoreFactory = Callable[..., SessionStore]
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(3) as local:
+        yield local
+
+
+@pytest.fixture
+def make_store(cluster: LocalCluster) -> Iterator[StoreFactory]:
+    """Stores on ``cluster``, redundancy 2 unless told otherwise; all closed at teardown."""
+    stores: list[SessionStore] = []
+
+    def make(**options: Any) -> SessionStore:
+        timeout = options.pop("timeout", TEST_TIMEOUT)
+        retry_interval = options.pop("retry_interval", TEST_RETRY_INTERVAL)
+        options.setdefault("redundancy", 2)
+        dsn = cluster.dsn(timeout=timeout, retry_interval=retry_interval)
+        store = SessionStore.from_dsn(dsn, **options)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> SessionStore:
+    return make_store()
+
+
+def server_indexes(cluster: LocalCluster, store: SessionStore, sid: str) -> list[int]:
+    """Indexes in ``cluster`` of the servers holding ``sid``'s copies, in ring order."""
+    by_address = {server.address: server.index for server in cluster.servers}
+    return [by_address[address] for address in store.locate(sid)]
+
+
+def key_of(store: SessionStore, sid: str) -> bytes:
+    return storage_key(store.key_prefix, sid)
+
+
+def all_keys(cluster: LocalCluster) -> set[tuple[int, bytes]]:
+    return {(server.index, key) for server in cluster.servers for key in cluster.keys(server.index)}

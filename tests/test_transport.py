@@ -1,0 +1,125 @@
+"""The fan-out loop and connection pools against real memcached processes."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from memsess import ConnectError, ConnectionClosedError, TimeoutError
+from memsess.dsn import ServerSpec
+from memsess.protocol import Status, Values, get, set
+from memsess.testing import LocalCluster
+from memsess.transport import ServerPool, fanout
+
+
+def pools_for(cluster: LocalCluster, timeout: float = 0.5) -> list[ServerPool]:
+    return [ServerPool(ServerSpec("tcp", s.host, s.port, timeout=timeout)) for s in cluster.servers]
+
+
+def test_one_command_reaches_every_server(cluster: LocalCluster) -> None:
+    pools = pools_for(cluster)
+    results = fanout(pools, [set(b"k", b"v")] * 3)
+    assert results == [Status.STORED] * 3
+    replies = fanout(pools, [get(b"k")] * 3)
+    assert all(isinstance(r, Values) and r.items[0].value == b"v" for r in replies)
+
+
+def test_connections_are_reused(cluster: LocalCluster) -> None:
+    pool = pools_for(cluster)[0]
+    fanout([pool], [set(b"k", b"v")])
+    conn = pool.acquire()
+    pool.release(conn)
+    fanout([pool], [get(b"k")])
+    assert pool.acquire() is conn
+
+
+def test_a_refused_connection_is_reported_as_refused(cluster: LocalCluster) -> None:
+    pools = pools_for(cluster)
+    cluster.kill(1)
+    results = fanout(pools, [set(b"k", b"v")] * 3)
+    assert results[0] is Status.STORED
+    assert results[2] is Status.STORED
+    error = results[1]
+    assert isinstance(error, ConnectError)
+    assert error.refused
+
+
+def test_a_hung_server_alone_times_out_after_its_timeout(cluster: LocalCluster) -> None:
+    pool = pools_for(cluster, timeout=0.2)[0]
+    cluster.hang(0)
+    try:
+        (result,) = fanout([pool], [get(b"k")])
+    finally:
+        cluster.resume(0)
+    assert isinstance(result, TimeoutError)
+    assert not result.straggler
+
+
+def test_a_hung_server_next_to_healthy_ones_is_dropped_as_a_straggler(
+    cluster: LocalCluster,
+) -> None:
+    pools = pools_for(cluster, timeout=5.0)
+    fanout(pools, [set(b"k", b"v")] * 3)
+    cluster.hang(2)
+    try:
+        results = fanout(pools, [get(b"k")] * 3, straggler_window=0.01)
+    finally:
+        cluster.resume(2)
+    assert isinstance(results[0], Values)
+    assert isinstance(results[1], Values)
+    assert isinstance(results[2], TimeoutError)
+    assert results[2].straggler
+
+
+def test_a_timed_out_connection_is_closed_not_pooled(cluster: LocalCluster) -> None:
+    pool = pools_for(cluster, timeout=0.2)[0]
+    fanout([pool], [set(b"a", b"first")])
+    cluster.hang(0)
+    (result,) = fanout([pool], [get(b"a")])
+    assert isinstance(result, TimeoutError)
+    cluster.resume(0)  # the late reply to that get now arrives... on a closed socket
+    time.sleep(0.05)
+    fanout([pool], [set(b"b", b"second")])
+    (reply,) = fanout([pool], [get(b"b")])
+    assert isinstance(reply, Values)
+    assert reply.items[0].key == b"b"
+    assert reply.items[0].value == b"second"
+
+
+def test_a_pooled_connection_to_a_restarted_server_is_retried_once(
+    cluster: LocalCluster,
+) -> None:
+    pool = pools_for(cluster)[0]
+    assert fanout([pool], [set(b"k", b"v")]) == [Status.STORED]
+    cluster.restart(0)  # the pooled connection is now dead
+    assert fanout([pool], [set(b"k", b"again")]) == [Status.STORED]
+
+
+def test_a_server_closing_mid_reply_is_an_error(cluster: LocalCluster) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    pool = ServerPool(ServerSpec("tcp", "127.0.0.1", port, timeout=2.0))
+
+    import threading
+
+    def half_reply() -> None:
+        conn, _ = listener.accept()
+        conn.recv(100)
+        conn.sendall(b"VALUE k 0 10\r\nabc")
+        conn.close()
+
+    thread = threading.Thread(target=half_reply)
+    thread.start()
+    (result,) = fanout([pool], [get(b"k")])
+    thread.join()
+    listener.close()
+    assert isinstance(result, ConnectionClosedError)
+
+
+def test_unknown_host_is_a_connect_error() -> None:
+    with pytest.raises(ConnectError, match="cannot resolve"):
+        ServerPool(ServerSpec("tcp", "no-such-host.invalid", 11211))
