@@ -97,7 +97,7 @@ class ConnectError(TransportError):
         self.refused = refused
 
 
-class TimeoutError(TransportError, builtins.TimeoutError):  # noqa: A001 - mirrors the builtin on purpose
+class TimeoutError(TransportError, builtins.TimeoutError):
     """The server did not answer within its timeout.
 
     ``straggler`` is True when the request was cut short because the other

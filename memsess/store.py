@@ -265,7 +265,15 @@ class SessionStore:
                 if result in (Status.EXISTS, Status.NOT_STORED, Status.NOT_FOUND)
             ]
             if conflicts:
-                results = yield from self._resolve_conflicts(key, record, exptime, snapshot, targets, results, conflicts)
+                results = yield from self._resolve_conflicts(
+                    key,
+                    record,
+                    exptime,
+                    snapshot,
+                    targets=targets,
+                    results=results,
+                    conflicts=conflicts,
+                )
         _require_stored(results, "save")
 
     def _resolve_conflicts(
@@ -274,6 +282,7 @@ class SessionStore:
         record: bytes,
         exptime: int,
         snapshot: Snapshot,
+        *,
         targets: list[int],
         results: list[Result],
         conflicts: list[int],
@@ -388,4 +397,3 @@ def _require_stored(results: list[Result], operation: str) -> None:
 def _short(key: bytes) -> str:
     # Logs name a session by a few digest characters, never by its id.
     return key[-40:-32].decode("ascii", "replace") + "…"
-

@@ -100,7 +100,7 @@ def test_flipping_any_payload_bit_is_detected() -> None:
     for position in range(16, len(raw)):
         corrupt = bytearray(raw)
         corrupt[position] ^= 0x01
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="checksum"):
             decode_record(bytes(corrupt), FLAGS)
 
 

@@ -19,7 +19,7 @@ from memsess import (
     SessionStore,
     SessionTooLargeError,
 )
-from memsess.records import FLAGS, decode_record, encode_record
+from memsess.records import FLAGS, decode_record
 from memsess.testing import LocalCluster
 
 HOSTILE_IDS = [
@@ -181,7 +181,7 @@ def test_a_tombstone_beats_an_older_copy_that_missed_the_logout(
 ) -> None:
     sid = store.new_id()
     store.save(sid, {"user_id": 1})
-    first, second = server_indexes(cluster, store, sid)
+    _, second = server_indexes(cluster, store, sid)
     before_logout = cluster.get_raw(second, key_of(store, sid))
     store.delete(sid)
     assert before_logout is not None

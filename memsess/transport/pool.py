@@ -105,7 +105,9 @@ class ServerPool:
 
 def connect_error(spec: ServerSpec, code: int) -> ConnectError:
     reason = os.strerror(code) if code else "connection failed"
-    return ConnectError(f"memcached {spec.name}: connect failed: {reason}", refused=code in _REFUSED)
+    return ConnectError(
+        f"memcached {spec.name}: connect failed: {reason}", refused=code in _REFUSED
+    )
 
 
 def _resolve(spec: ServerSpec) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
@@ -126,7 +128,7 @@ _POOLS: weakref.WeakSet[ServerPool] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for pool in list(_POOLS):
-        pool._forget_after_fork()  # noqa: SLF001 - module-private hook
+        pool._forget_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
