@@ -63,7 +63,7 @@ def test_each_session_has_exactly_redundancy_copies(
     for sid in sids:
         store.save(sid, {"n": 1})
     for sid in sids:
-        holders = {i for i in range(3) if key_of(store, sid) in cluster.keys(i)}
+        holders = {i for i in range(3) if cluster.get_raw(i, key_of(store, sid)) is not None}
         assert holders == set(server_indexes(cluster, store, sid))
         assert len(holders) == 2
 
@@ -133,7 +133,8 @@ def test_hostile_ids_never_reach_memcached(
     store.delete(sid)
     with pytest.raises(SessionIdError):
         store.save(sid, {"x": 1})
-    assert all_keys(cluster) == before
+    # metadump may skip an item now and then, never invent one: compare one way.
+    assert all_keys(cluster) - before == set()
     assert not any(b"injected" in key for _, key in all_keys(cluster))
 
 
@@ -282,7 +283,7 @@ def test_unix_socket_servers() -> None:
             sid = store.new_id()
             store.save(sid, {"via": "unix"})
             assert store.load(sid) == {"via": "unix"}
-            assert sum(key_of(store, sid) in cluster.keys(i) for i in range(2)) == 2
+            assert all(cluster.get_raw(i, key_of(store, sid)) is not None for i in range(2))
 
 
 def test_a_forked_child_opens_its_own_connections(store: SessionStore) -> None:

@@ -1,0 +1,117 @@
+"""Flask adapter: :class:`MemsessSessionInterface`, a ``flask.sessions.SessionInterface``
+on a memsess store, and :func:`init_app` to build one from ``app.config``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+from flask import Flask
+from flask.sessions import SessionInterface, SessionMixin
+from flask.wrappers import Request, Response
+
+from memsess.adapters import Outcome, Session
+from memsess.store import SessionStore
+
+__all__ = ["CONFIG_OPTIONS", "MemsessSession", "MemsessSessionInterface", "init_app"]
+
+#: ``app.config`` keys read by :func:`init_app`, and the SessionStore option each sets.
+CONFIG_OPTIONS: Final = {
+    "MEMSESS_REDUNDANCY": "redundancy",
+    "MEMSESS_SERIALIZER": "serializer",
+    "MEMSESS_KEY_PREFIX": "key_prefix",
+    "MEMSESS_STRAGGLER_WINDOW": "straggler_window",
+    "MEMSESS_MAX_ITEM_SIZE": "max_item_size",
+}
+
+
+class MemsessSession(Session, SessionMixin):
+    """``flask.session``: a memsess :class:`~memsess.adapters.Session` (loaded on
+    first use; ``regenerate()`` at login) with Flask's ``permanent`` flag."""
+
+
+class MemsessSessionInterface(SessionInterface):
+    """Sessions in memsess, the cookie holding only the session id.
+
+    Honours ``SESSION_COOKIE_NAME/DOMAIN/PATH/SECURE/HTTPONLY/SAMESITE/PARTITIONED``,
+    ``PERMANENT_SESSION_LIFETIME`` (the lifetime in memcached of every session,
+    and the cookie's Expires for a permanent one) and ``SESSION_REFRESH_EACH_REQUEST``
+    (an unchanged permanent session is touched, not rewritten). Flask's default
+    ``SESSION_COOKIE_SAMESITE = None`` is sent as ``samesite_default`` ("Lax");
+    set it to "Strict" or "None" explicitly to change that.
+
+    A request that never reads the session costs no memcached round trip; one
+    that reads it when no copy can be read raises
+    :class:`memsess.NoServerAvailableError` inside the view, so
+    ``@app.errorhandler(memsess.ClusterError)`` can answer it.
+    """
+
+    session_class = MemsessSession
+
+    def __init__(self, store: SessionStore, *, samesite_default: str = "Lax") -> None:
+        self.store = store
+        self.samesite_default = samesite_default
+
+    def get_cookie_samesite(self, app: Flask) -> str | None:
+        return super().get_cookie_samesite(app) or self.samesite_default
+
+    def open_session(self, app: Flask, request: Request) -> MemsessSession:
+        # No I/O here: the session loads when the view first reads it.
+        return self.session_class(self.store, request.cookies.get(self.get_cookie_name(app)))
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        if not isinstance(session, MemsessSession):
+            raise TypeError(f"not a memsess session: {type(session).__name__}")
+        if session.accessed:
+            response.vary.add("Cookie")
+        # should_set_cookie() reads session.permanent: ask only once it is loaded anyway.
+        refresh = session.loaded and self.should_set_cookie(app, session)
+        outcome = session.persist(self.lifetime(app), refresh=refresh)
+        if outcome is Outcome.NOTHING:
+            return
+        name, options = self.get_cookie_name(app), self._cookie_options(app)
+        if outcome is Outcome.DELETE or session.sid is None:
+            response.delete_cookie(name, **options)
+        else:
+            expires = self.get_expiration_time(app, session)
+            response.set_cookie(name, session.sid, expires=expires, **options)
+        response.vary.add("Cookie")
+
+    @staticmethod
+    def lifetime(app: Flask) -> int:
+        """Seconds every session lives in memcached: ``PERMANENT_SESSION_LIFETIME``."""
+        return max(1, math.ceil(app.permanent_session_lifetime.total_seconds()))
+
+    def _cookie_options(self, app: Flask) -> dict[str, Any]:
+        options = {
+            "domain": self.get_cookie_domain(app),
+            "path": self.get_cookie_path(app),
+            "secure": self.get_cookie_secure(app),
+            "httponly": self.get_cookie_httponly(app),
+            "samesite": self.get_cookie_samesite(app),
+        }
+        if app.config.get("SESSION_COOKIE_PARTITIONED"):  # Flask >= 3.1 and Werkzeug >= 3.1
+            options["partitioned"] = self.get_cookie_partitioned(app)
+        return options
+
+
+def init_app(app: Flask, store: SessionStore | None = None) -> MemsessSessionInterface:
+    """Store the sessions of ``app`` in memsess and return the session interface.
+
+    Without ``store``, one is built from ``app.config``: ``MEMSESS_SAVE_PATH``
+    (required, a PHP-style save_path) and the optional keys of
+    :data:`CONFIG_OPTIONS`, its ttl being ``PERMANENT_SESSION_LIFETIME``. The
+    store is kept in ``app.extensions["memsess"]``."""
+    if store is None:
+        save_path = app.config.get("MEMSESS_SAVE_PATH")
+        if not save_path:
+            raise RuntimeError(
+                "memsess: set app.config['MEMSESS_SAVE_PATH'], e.g. 'tcp://127.0.0.1:11211'"
+            )
+        options = {opt: app.config[key] for key, opt in CONFIG_OPTIONS.items() if key in app.config}
+        options["ttl"] = MemsessSessionInterface.lifetime(app)
+        store = SessionStore.from_dsn(save_path, **options)
+    app.extensions["memsess"] = store
+    interface = MemsessSessionInterface(store)
+    app.session_interface = interface
+    return interface

@@ -1,0 +1,304 @@
+"""The Django backend: Django's own backend suite (SessionTestsMixin, from the
+sdist of the installed Django), then a real app through Django's test clients on
+a real local cluster: login/logout, faults, hostile cookies, fixation, cookie
+attributes, outages, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import django_settings
+import pytest
+from adapter_support import (
+    BAD_COOKIES,
+    RETRY_INTERVAL,
+    TIMEOUT,
+    all_keys,
+    assert_only_key,
+    holders,
+    key_of,
+    settle,
+    ttl_left,
+    version_of,
+)
+from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpResponse
+from django.test import AsyncClient, Client, SimpleTestCase, override_settings
+
+import memsess
+from memsess.adapters.django import SessionStore, get_store
+from memsess.testing import LocalCluster
+
+django_settings.setup()  # downloads Django's sdist on first use; a failure is an error
+SessionTestsMixin: Any = importlib.import_module("sessions_tests.tests").SessionTestsMixin
+NAME = "sessionid"  # Django's default SESSION_COOKIE_NAME
+
+
+def memsess_setting(cluster: LocalCluster, **options: Any) -> dict[str, Any]:
+    dsn = cluster.dsn(timeout=TIMEOUT, retry_interval=RETRY_INTERVAL)
+    return {"SAVE_PATH": dsn, "REDUNDANCY": 2, **options}
+
+
+@pytest.fixture(scope="module")
+def suite_cluster() -> Iterator[None]:
+    with LocalCluster(3) as cluster, override_settings(SESSION_MEMSESS=memsess_setting(cluster)):
+        yield
+
+
+@pytest.mark.usefixtures("suite_cluster")
+class MemsessDjangoSuite(SessionTestsMixin, SimpleTestCase):  # type: ignore[misc]
+    """Django's own 65 sync and async backend tests, unchanged, on memsess."""
+
+    backend = SessionStore
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(3) as local, override_settings(SESSION_MEMSESS=memsess_setting(local)):
+        yield local
+
+
+@pytest.fixture
+def store(cluster: LocalCluster) -> memsess.SessionStore:
+    return get_store()
+
+
+def sid_of(response: HttpResponse) -> str:
+    return str(response.cookies[NAME].value)
+
+
+def get(path: str, cookie: str | None = None) -> HttpResponse:
+    """One request carrying exactly ``sessionid=<cookie>`` (no cookie jar)."""
+    extra = {} if cookie is None else {"HTTP_COOKIE": f"{NAME}={cookie}"}
+    response: HttpResponse = Client().get(path, **extra)
+    return response
+
+
+def test_login_request_logout(cluster: LocalCluster, store: memsess.SessionStore) -> None:
+    client = Client()
+    sid = sid_of(client.get("/login?user=alice"))
+    assert store.load(sid) == {"user": "alice"}
+    assert client.get("/whoami").content == b"alice"
+    response = client.get("/logout")
+    assert response.cookies[NAME].value == ""
+    assert store.load(sid) is None
+    assert client.get("/whoami").content == b""
+
+
+def test_async_views_use_the_async_methods(cluster: LocalCluster) -> None:
+    async def visit() -> list[bytes]:
+        client = AsyncClient()
+        return [(await client.get("/acount")).content for _ in range(3)]
+
+    assert asyncio.run(visit()) == [b"1", b"2", b"3"]
+
+
+def test_request_that_never_reads_the_session_writes_nothing(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    client = Client()
+    sid = sid_of(client.get("/login?user=alice"))
+    version = version_of(store, sid)
+    assert NAME not in client.get("/static").cookies
+    assert NAME not in client.get("/whoami").cookies
+    assert version_of(store, sid) == version
+
+
+@override_settings(SESSION_SAVE_EVERY_REQUEST=True)
+def test_save_every_request_rewrites(cluster: LocalCluster, store: memsess.SessionStore) -> None:
+    client = Client()
+    sid = sid_of(client.get("/login?user=alice"))
+    version = version_of(store, sid)
+    assert sid_of(client.get("/whoami")) == sid
+    assert version_of(store, sid) > version
+
+
+def test_login_cycles_the_key_and_kills_the_old_one(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    client = Client()
+    visitor = sid_of(client.get("/count"))
+    sid = sid_of(client.get("/login?user=alice"))
+    assert sid != visitor
+    assert store.load(visitor) is None
+    assert store.load(sid) == {"count": 1, "user": "alice"}
+    assert get("/whoami", visitor).content == b""
+
+
+@pytest.mark.parametrize("value", BAD_COOKIES.values(), ids=BAD_COOKIES.keys())
+def test_bad_cookie_gets_a_fresh_session_and_never_reaches_memcached(
+    cluster: LocalCluster, store: memsess.SessionStore, value: str
+) -> None:
+    assert get("/whoami", value).content == b""
+    assert all_keys(cluster) == set()  # a fresh cluster: reading stored nothing
+    sid = sid_of(get("/count", value))
+    assert sid != value
+    assert memsess.records.is_valid_id(sid)
+    assert_only_key(cluster, store, sid)
+
+
+def test_django_style_key_is_not_adopted(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    for forged in ("a" * 32, store.new_id()):  # Django's own key format, an unknown memsess id
+        sid = sid_of(get("/count", forged))
+        assert sid != forged
+        assert store.load(forged) is None
+
+
+def test_default_cookie_attributes_are_safe(cluster: LocalCluster) -> None:
+    cookie = Client().get("/count").cookies[NAME]
+    assert len(cookie.value) == 43
+    assert cookie["httponly"] is True
+    assert cookie["samesite"] == "Lax"
+    assert cookie["path"] == "/"
+    assert cookie["max-age"] == 1209600  # SESSION_COOKIE_AGE, two weeks
+    assert cookie["expires"].endswith("GMT")
+    assert not cookie["secure"]
+    assert not cookie["domain"]
+
+
+@override_settings(
+    SESSION_COOKIE_SECURE=True,
+    SESSION_COOKIE_SAMESITE="Strict",
+    SESSION_COOKIE_PATH="/app",
+    SESSION_COOKIE_DOMAIN="example.com",
+    SESSION_COOKIE_AGE=60,
+)
+def test_configured_cookie_attributes(cluster: LocalCluster) -> None:
+    cookie = Client().get("/count").cookies[NAME]
+    store = get_store()  # the fixture's store was built before this override
+    assert cookie["secure"] is True
+    assert cookie["samesite"] == "Strict"
+    assert cookie["path"] == "/app"
+    assert cookie["domain"] == "example.com"
+    assert cookie["max-age"] == 60
+    for index in holders(cluster, store, cookie.value):  # the lifetime in memcached too
+        assert 55 <= ttl_left(cluster, index, key_of(store, cookie.value)) <= 60
+
+
+@override_settings(SESSION_EXPIRE_AT_BROWSER_CLOSE=True)
+def test_expire_at_browser_close(cluster: LocalCluster) -> None:
+    cookie = Client().get("/count").cookies[NAME]
+    assert not cookie["max-age"]
+    assert not cookie["expires"]
+
+
+def test_user_stays_logged_in_while_a_server_is_killed(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    client = Client()
+    sid = sid_of(client.get("/login?user=alice"))
+    cluster.kill(holders(cluster, store, sid)[0])
+    assert [client.get("/count").content for _ in range(3)] == [b"1", b"2", b"3"]
+    assert client.get("/whoami").content == b"alice"
+
+
+def test_logout_during_hang_stays_logged_out(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    client = Client()
+    sid = sid_of(client.get("/login?user=alice"))
+    hung = holders(cluster, store, sid)[0]
+    cluster.hang(hung)
+    client.get("/logout")
+    cluster.resume(hung)
+    settle()
+    for _ in range(3):
+        assert get("/whoami", sid).content == b""
+    assert store.load(sid) is None
+
+
+def test_every_copy_unreachable_raises_and_keeps_the_data(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    client = Client()
+    sid = sid_of(client.get("/login?user=alice"))
+    for server in cluster.servers:
+        cluster.hang(server.index)
+    with pytest.raises(memsess.NoServerAvailableError):
+        client.get("/count")
+    for server in cluster.servers:
+        cluster.resume(server.index)
+    settle()
+    assert client.get("/whoami").content == b"alice"
+    assert store.load(sid) == {"user": "alice"}
+    for server in cluster.servers:
+        cluster.kill(server.index)
+    with pytest.raises(memsess.NoServerAvailableError):
+        client.get("/whoami")
+
+
+@override_settings(
+    MIDDLEWARE=[
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django_urls.SessionOutageMiddleware",
+    ]
+)
+def test_outage_can_be_answered_by_a_middleware(cluster: LocalCluster) -> None:
+    client = Client()
+    client.get("/login?user=alice")
+    for server in cluster.servers:
+        cluster.kill(server.index)
+    response = client.get("/whoami")
+    assert response.status_code == 503
+    assert NAME not in response.cookies
+
+
+def test_save_after_a_logout_elsewhere_is_interrupted(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    client = Client()
+    sid = sid_of(client.get("/login?user=alice"))
+    response = client.get("/race")
+    assert response.status_code == 400  # Django's SessionInterrupted
+    assert NAME not in response.cookies
+    assert store.load(sid) is None
+
+
+def test_missing_or_unknown_settings_are_improperly_configured(cluster: LocalCluster) -> None:
+    with override_settings(SESSION_MEMSESS=None), pytest.raises(ImproperlyConfigured):
+        get_store()
+    with (
+        override_settings(SESSION_MEMSESS={"SAVE_PATH": "tcp://127.0.0.1:1", "REDUNDANCE": 2}),
+        pytest.raises(ImproperlyConfigured, match="REDUNDANCE"),
+    ):
+        get_store()
+
+
+def test_one_store_per_process_and_configuration(cluster: LocalCluster) -> None:
+    seen: list[memsess.SessionStore] = []
+    threads = [threading.Thread(target=lambda: seen.append(get_store())) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(store) for store in seen}) == 1
+    with override_settings(SESSION_MEMSESS=memsess_setting(cluster, SERIALIZER="json")):
+        assert get_store() is not seen[0]
+        assert get_store().serializer.name == "json"
+
+
+def test_example_project_runs(cluster: LocalCluster) -> None:
+    project = Path(__file__).resolve().parent.parent / "examples" / "django_project"
+    script = (
+        "from django.test import Client; c = Client(HTTP_HOST='localhost');"
+        "print(c.get('/').content + c.get('/').content)"
+    )
+    result = subprocess.run(
+        [sys.executable, str(project / "manage.py"), "shell", "-c", script],
+        env={**os.environ, "MEMSESS_SAVE_PATH": cluster.dsn()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.stdout.strip().splitlines()[-1:] == [repr(b"visit 1\nvisit 2\n")], result.stderr
