@@ -18,11 +18,14 @@ from memsess import protocol
 from memsess.cluster import Cluster, ServerStatus
 from memsess.dsn import ServerSpec, parse_dsn
 from memsess.errors import (
+    MemsessError,
     NoServerAvailableError,
     SessionGoneError,
     SessionTooLargeError,
     WriteError,
 )
+from memsess.errors import TimeoutError as MemsessTimeoutError
+from memsess.metrics import Metrics
 from memsess.protocol import Command, ErrorReply, Status, Values
 from memsess.records import (
     DATA,
@@ -101,6 +104,7 @@ class SessionStore:
         self.max_value_size = max_item_size - _ITEM_OVERHEAD - len(self.key_prefix)
         self._cluster = Cluster(servers, redundancy=redundancy, straggler_window=straggler_window)
         self._clock = VersionClock()
+        self._metrics = Metrics()
 
     @classmethod
     def from_dsn(cls, dsn: str, **options: Any) -> SessionStore:
@@ -127,7 +131,9 @@ class SessionStore:
         """Like :meth:`load`, with the version and CAS tokens for a conditional save."""
         if not is_valid_id(sid):
             return None
-        return self._run(self._fetch_flow(sid, storage_key(self.key_prefix, sid)))
+        snapshot = self._run(self._fetch_flow(sid, storage_key(self.key_prefix, sid)))
+        self._metrics.add("hits" if snapshot is not None else "misses")
+        return snapshot
 
     def save(
         self,
@@ -152,6 +158,7 @@ class SessionStore:
                 f"session data is {len(record)} bytes serialized, over the servers' item size"
                 f" ({self.max_value_size} bytes usable); nothing was stored"
             )
+        self._metrics.add("saves")
         self._run(self._save_flow(key, record, self._exptime(ttl), snapshot))
 
     def touch(self, sid: str, *, ttl: int | None = None) -> bool:
@@ -161,6 +168,7 @@ class SessionStore:
             return False
         key = storage_key(self.key_prefix, sid)
         command = protocol.touch(key, self._exptime(ttl))
+        self._metrics.add("touches")
         results = self._run(self._one_batch_flow(key, command))
         return any(result is Status.TOUCHED for result in results)
 
@@ -172,19 +180,31 @@ class SessionStore:
         key = storage_key(self.key_prefix, sid)
         tombstone = encode_record(self._clock.tick(), TOMBSTONE, self.serializer.id)
         command = protocol.set(key, tombstone, flags=FLAGS, exptime=self._exptime(None))
+        self._metrics.add("deletes")
         results = self._run(self._one_batch_flow(key, command))
-        _require_stored(results, "delete")
+        self._require_stored(results, "delete")
 
-    def regenerate(self, sid: str, data: Mapping[str, Any] | None = None) -> str:
+    def regenerate(
+        self,
+        sid: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        ttl: int | None = None,
+        snapshot: Snapshot | None = None,
+    ) -> str:
         """Move the session to a new id (against session fixation, e.g. at login):
-        the same data (or ``data``) under a new id, and the old id logged out.
-        Raises SessionGoneError when there is no session to move and no data given."""
+        the same data (or ``data``) under a new id with ``ttl`` seconds to live,
+        and the old id logged out. Raises SessionGoneError when there is no
+        session to move and no data given, or when ``snapshot`` is given and
+        the session was logged out since it was loaded."""
+        if snapshot is not None and self.fetch(sid) is None:
+            raise SessionGoneError("the session was logged out since it was loaded")
         if data is None:
             data = self.load(sid)
             if data is None:
                 raise SessionGoneError("no session to regenerate: absent, expired or logged out")
         fresh = new_id()
-        self.save(fresh, data)
+        self.save(fresh, data, ttl=ttl)
         self.delete(sid)
         return fresh
 
@@ -194,6 +214,12 @@ class SessionStore:
         key = storage_key(self.key_prefix, sid).decode("ascii")
         servers = self._cluster.servers
         return tuple(servers[index].name for index in self._cluster.replica_set(key))
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the store was made: loads, hits, misses, saves,
+        touches, deletes, repairs, corrupt_records, partial_writes,
+        straggler_drops, failovers, server_state_changes (see memsess.metrics)."""
+        return self._metrics.snapshot()
 
     def health(self) -> list[ServerStatus]:
         """One entry per server: address, state, consecutive failures, last
@@ -218,8 +244,15 @@ class SessionStore:
 
     # -- plans ------------------------------------------------------------------
 
-    def _fetch_flow(self, sid: str, key: bytes) -> Flow[Snapshot | None]:
+    def _targets(self, key: bytes) -> list[int]:
         targets = self._cluster.targets(key.decode("ascii"))
+        if len(targets) < self._cluster.redundancy:
+            self._metrics.add("failovers")
+        return targets
+
+    def _fetch_flow(self, sid: str, key: bytes) -> Flow[Snapshot | None]:
+        self._metrics.add("loads")
+        targets = self._targets(key)
         results = yield [(index, protocol.get(key, cas=True)) for index in targets]
         copies = self._read_copies(key, targets, results)
         newest = max(
@@ -238,6 +271,7 @@ class SessionStore:
         ]
         if repairs:
             log.info("repairing %d stale or missing copies of %s", len(repairs), _short(key))
+            self._metrics.add("repairs", len(repairs))
             yield repairs
         if record.is_tombstone:
             return None
@@ -250,7 +284,7 @@ class SessionStore:
     def _save_flow(
         self, key: bytes, record: bytes, exptime: int, snapshot: Snapshot | None
     ) -> Flow[None]:
-        targets = self._cluster.targets(key.decode("ascii"))
+        targets = self._targets(key)
         if snapshot is None:
             command = protocol.set(key, record, flags=FLAGS, exptime=exptime)
             results = yield [(index, command) for index in targets]
@@ -274,7 +308,7 @@ class SessionStore:
                     results=results,
                     conflicts=conflicts,
                 )
-        _require_stored(results, "save")
+        self._require_stored(results, "save")
 
     def _resolve_conflicts(
         self,
@@ -307,7 +341,7 @@ class SessionStore:
         return list(merged.values())
 
     def _one_batch_flow(self, key: bytes, command: Command) -> Flow[list[Result]]:
-        targets = self._cluster.targets(key.decode("ascii"))
+        targets = self._targets(key)
         results = yield [(index, command) for index in targets]
         return results
 
@@ -319,9 +353,31 @@ class SessionStore:
         try:
             batch = next(flow)
             while True:
-                batch = flow.send(execute(batch))
+                results = execute(batch)
+                for result in results:
+                    if isinstance(result, MemsessError):
+                        self._count_failure(result)
+                batch = flow.send(results)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+
+    def _count_failure(self, error: MemsessError) -> None:
+        if isinstance(error, MemsessTimeoutError) and error.straggler:
+            self._metrics.add("straggler_drops")
+        self._metrics.add("failovers")
+
+    def _require_stored(self, results: list[Result], operation: str) -> None:
+        stored = sum(result is Status.STORED for result in results)
+        if stored < self._cluster.redundancy and stored:
+            self._metrics.add("partial_writes")
+            log.info(
+                "%s reached %d of %d copies: %s",
+                operation,
+                stored,
+                self._cluster.redundancy,
+                "; ".join(str(r) for r in results if r is not Status.STORED),
+            )
+        _require_stored(results, operation)
 
     def _read_copies(
         self, key: bytes, targets: list[int], results: list[Result]
@@ -342,6 +398,7 @@ class SessionStore:
             try:
                 record: Record | None = decode_record(item.value, item.flags)
             except ValueError as exc:
+                self._metrics.add("corrupt_records")
                 log.warning(
                     "corrupt record for %s on memcached %s, read as no session: %s",
                     _short(key),
