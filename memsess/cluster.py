@@ -73,7 +73,8 @@ class Cluster:
             raise ValueError("a cluster needs at least one server")
         if not 1 <= redundancy <= len(servers):
             raise ValueError(
-                f"redundancy={redundancy} needs 1..{len(servers)} servers; the DSN has {len(servers)}"
+                f"redundancy={redundancy} needs at least that many servers;"
+                f" the DSN has {len(servers)}"
             )
         if straggler_window < 0:
             raise ValueError(f"straggler_window must be >= 0 seconds, got {straggler_window}")
@@ -87,7 +88,7 @@ class Cluster:
             None if spec.udp_port is None else UdpPool(spec) for spec in self.servers
         )
         routes = {p: u for p, u in zip(self.pools, self.udp_pools, strict=True) if u is not None}
-        self._routes = UdpRoutes(routes) if routes else None
+        self._routes = UdpRoutes(routes, straggler_window=straggler_window) if routes else None
         self._health = [Health(since=monotonic()) for _ in self.servers]
         self._lock = threading.Lock()
         ring = HashRing(
@@ -133,7 +134,11 @@ class Cluster:
         for (index, _), result in zip(batch, results, strict=True):
             if isinstance(result, DatagramLostError):
                 continue  # a lost datagram says nothing about the server
-            if isinstance(result, MemsessError) or health[index].failures or not health[index].usable:
+            if (
+                isinstance(result, MemsessError)
+                or health[index].failures
+                or not health[index].usable
+            ):
                 self._record(index, result)
         return results
 

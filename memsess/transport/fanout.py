@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import select
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from math import ceil
 from time import monotonic
 from typing import Final
@@ -22,7 +22,6 @@ from memsess.errors import (
     MemsessError,
     ProtocolError,
     TimeoutError,
-    TransportError,
 )
 from memsess.protocol import NEED_DATA, Command, ErrorReply, Reply
 from memsess.transport.pool import Connection, ServerPool, connect_error
@@ -84,9 +83,7 @@ class _Exchange:
         except OSError as exc:
             return self._stale_or(exc, "recv")
         if not data:
-            if conn.reused and not self.received:
-                return self._retry(ConnectionClosedError(self._msg("closed the connection")))
-            return self.fail(ConnectionClosedError(self._msg("closed the connection mid-reply")))
+            return self._closed_by_server()
         self.received = True
         conn.protocol.receive_data(data)
         try:
@@ -103,6 +100,26 @@ class _Exchange:
         else:
             self.pool.release(conn)
         return reply
+
+    def expire(self, straggler: bool) -> Result | _Again:
+        """The deadline (or, with ``straggler``, the straggler window) has passed.
+
+        Gives up here; a subclass may move to another socket instead (returns _AGAIN).
+        """
+        # Closing is what makes a late reply harmless: it can never be read
+        # as the answer to a later command on a reused connection.
+        spec = self.pool.spec
+        what = (
+            "no reply within the straggler window after the other copies answered"
+            if straggler
+            else f"no reply within its timeout of {spec.timeout:g} s"
+        )
+        return self.fail(TimeoutError(f"memcached {spec.name}: {what}", straggler=straggler))
+
+    def _closed_by_server(self) -> MemsessError | _Again:
+        if self.conn.reused and not self.received:
+            return self._retry(ConnectionClosedError(self._msg("closed the connection")))
+        return self.fail(ConnectionClosedError(self._msg("closed the connection mid-reply")))
 
     def finish_connect(self) -> Result | _Again | None:
         code = self.conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -146,26 +163,33 @@ class _Again:
 
 _AGAIN: Final = _Again()
 
+#: Builds the exchange of one (index, pool, command, deadline); the UDP transport
+#: passes its own, so its reads share this poll loop and its straggler window.
+ExchangeFactory = Callable[[int, ServerPool, Command, float], _Exchange]
+
 
 def fanout(
     pools: Sequence[ServerPool],
     commands: Sequence[Command],
     *,
     straggler_window: float = DEFAULT_STRAGGLER_WINDOW,
+    exchange_factory: ExchangeFactory | None = None,
 ) -> list[Result]:
     """Send ``commands[i]`` to ``pools[i]`` for every i at once; return one
     result per server, in order: its reply, or the error that ended it.
 
     Each server has its own deadline (its DSN ``timeout``, seconds); once any
     server has replied, the rest have ``straggler_window`` seconds more.
+    ``exchange_factory`` builds each exchange (default: over the pool's stream).
     """
+    start = _Exchange if exchange_factory is None else exchange_factory
     now = monotonic()
     results: list[Result | None] = [None] * len(pools)
     live: dict[int, _Exchange] = {}
     poller = select.poll()
     for index, (pool, command) in enumerate(zip(pools, commands, strict=True)):
         try:
-            exchange = _Exchange(index, pool, command, now + pool.spec.timeout)
+            exchange = start(index, pool, command, now + pool.spec.timeout)
         except ConnectError as exc:
             results[index] = exc
             continue
@@ -191,7 +215,7 @@ def _wait(
 ) -> None:
     cutoff = float("inf")  # set once the first copy has answered
     while live:
-        limit = min(cutoff, min(x.deadline for x in live.values()))
+        limit = min(cutoff, *(x.deadline for x in live.values()))
         wait_ms = max(0, ceil((limit - monotonic()) * 1000))
         events = poller.poll(wait_ms)
         for fd, mask in events:
@@ -239,13 +263,10 @@ def _expire(
             continue
         del live[fd]
         poller.unregister(fd)
-        # Closing is what makes a late reply harmless: it can never be read
-        # as the answer to a later command on a reused connection.
-        spec = exchange.pool.spec
-        what = (
-            "no reply within the straggler window after the other copies answered"
-            if straggler
-            else f"no reply within its timeout of {spec.timeout:g} s"
-        )
-        error: TransportError = TimeoutError(f"memcached {spec.name}: {what}", straggler=straggler)
-        results[exchange.index] = exchange.fail(error)
+        outcome = exchange.expire(straggler)
+        if outcome is _AGAIN:  # moved to another socket (a UDP read retried over TCP)
+            live[exchange.conn.fd] = exchange
+            poller.register(exchange.conn.fd, exchange.interest)
+            continue
+        assert not isinstance(outcome, _Again)
+        results[exchange.index] = outcome
