@@ -25,6 +25,7 @@ from memsess.health import (
     on_failure,
     on_success,
 )
+from memsess.metrics import Metrics
 from memsess.protocol import Command
 from memsess.transport import (
     DEFAULT_STRAGGLER_WINDOW,
@@ -68,6 +69,7 @@ class Cluster:
         redundancy: int,
         straggler_window: float = DEFAULT_STRAGGLER_WINDOW,
         failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        metrics: Metrics | None = None,
     ) -> None:
         if not servers:
             raise ValueError("a cluster needs at least one server")
@@ -82,6 +84,7 @@ class Cluster:
         self.redundancy = redundancy
         self.straggler_window = straggler_window
         self.failure_threshold = failure_threshold
+        self.metrics = Metrics() if metrics is None else metrics
         self.pools = tuple(ServerPool(spec) for spec in self.servers)
         # Gets to a server with a udp_port go over UDP; everything else over its pool.
         self.udp_pools = tuple(
@@ -199,6 +202,7 @@ class Cluster:
                 after = on_success(before, now)
             self._health[index] = after
         if after.state is not before.state:
+            self.metrics.add("server_state_changes")
             _log_transition(spec, before, after, result)
 
 

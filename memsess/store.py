@@ -102,9 +102,14 @@ class SessionStore:
         self.serializer = get_serializer(serializer)
         self.key_prefix = key_prefix.encode("ascii")
         self.max_value_size = max_item_size - _ITEM_OVERHEAD - len(self.key_prefix)
-        self._cluster = Cluster(servers, redundancy=redundancy, straggler_window=straggler_window)
-        self._clock = VersionClock()
         self._metrics = Metrics()
+        self._cluster = Cluster(
+            servers,
+            redundancy=redundancy,
+            straggler_window=straggler_window,
+            metrics=self._metrics,
+        )
+        self._clock = VersionClock()
 
     @classmethod
     def from_dsn(cls, dsn: str, **options: Any) -> SessionStore:
