@@ -258,7 +258,8 @@ class SessionStore:
     def _fetch_flow(self, sid: str, key: bytes) -> Flow[Snapshot | None]:
         self._metrics.add("loads")
         targets = self._targets(key)
-        results = yield [(index, protocol.get(key, cas=True)) for index in targets]
+        command = protocol.get(key, cas=True)
+        results = yield [(index, command) for index in targets]
         copies = self._read_copies(key, targets, results)
         newest = max(
             ((rec, raw) for rec, raw, _ in copies.values() if rec is not None),
@@ -328,7 +329,8 @@ class SessionStore:
     ) -> Generator[Batch, list[Result], list[Result]]:
         """Some copies changed since the load: a newer logout wins, anything
         else (a concurrent save) is overwritten by this newer version."""
-        current = yield [(index, protocol.get(key)) for index in conflicts]
+        command = protocol.get(key)
+        current = yield [(index, command) for index in conflicts]
         copies = self._read_copies(key, conflicts, current)
         logged_out = any(
             rec is not None and rec.is_tombstone and rec.version > snapshot.version
