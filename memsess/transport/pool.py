@@ -11,13 +11,13 @@ import os
 import socket
 import weakref
 from collections import deque
-from typing import Final
+from typing import Final, Protocol
 
 from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError
 from memsess.protocol import ClientProtocol
 
-__all__ = ["Connection", "ServerPool"]
+__all__ = ["Connection", "ServerPool", "reset_after_fork", "resolve"]
 
 # Idle connections kept per server. A request holds one connection per server,
 # so this bounds sockets at (threads in flight) while idle.
@@ -53,8 +53,8 @@ class ServerPool:
         self.spec = spec
         self.max_idle = max_idle
         self._idle: deque[Connection] = deque()
-        self._family, self._address = _resolve(spec)
-        _POOLS.add(self)
+        self._family, self._address = _resolve_stream(spec)
+        reset_after_fork(self)
 
     def acquire(self) -> Connection:
         """An idle connection, or a new one whose connect may still be in progress.
@@ -110,24 +110,42 @@ def connect_error(spec: ServerSpec, code: int) -> ConnectError:
     )
 
 
-def _resolve(spec: ServerSpec) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
-    # Resolved once, at start-up: a DNS lookup must never sit in a request.
+def _resolve_stream(spec: ServerSpec) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
     address = spec.address
     if isinstance(address, str):
         return socket.AF_UNIX, address
+    return resolve(spec, address[1], socket.SOCK_STREAM)
+
+
+def resolve(
+    spec: ServerSpec, port: int, kind: socket.SocketKind
+) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    """The address family and address of ``spec.host:port``, for sockets of ``kind``.
+
+    Called once, at start-up: a DNS lookup must never sit in a request."""
     try:
-        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(spec.host, port, type=kind)
     except socket.gaierror as exc:
         raise ConnectError(f"memcached {spec.name}: cannot resolve host: {exc}") from exc
     family, _, _, _, sockaddr = infos[0]
     return family, (str(sockaddr[0]), int(sockaddr[1]))
 
 
-_POOLS: weakref.WeakSet[ServerPool] = weakref.WeakSet()
+class _ForkAware(Protocol):
+    def _forget_after_fork(self) -> None: ...
+
+
+_FORK_AWARE: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
+
+
+def reset_after_fork(pool: _ForkAware) -> None:
+    """Have ``pool._forget_after_fork()`` called in every forked child, so a
+    child never shares a socket with its parent."""
+    _FORK_AWARE.add(pool)
 
 
 def _after_fork_in_child() -> None:
-    for pool in list(_POOLS):
+    for pool in list(_FORK_AWARE):
         pool._forget_after_fork()
 
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import secrets
 import socket
 import threading
-import weakref
 from collections import deque
 from collections.abc import Mapping
 from time import monotonic
@@ -23,7 +21,13 @@ from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError, ProtocolError, TimeoutError
 from memsess.protocol import Command, ErrorReply, ReplyKind
 from memsess.transport.fanout import _AGAIN, DEFAULT_STRAGGLER_WINDOW, Result, _Again, _Exchange
-from memsess.transport.pool import DEFAULT_MAX_IDLE, Connection, ServerPool
+from memsess.transport.pool import (
+    DEFAULT_MAX_IDLE,
+    Connection,
+    ServerPool,
+    reset_after_fork,
+    resolve,
+)
 from memsess.transport.udp_core import (
     HEADER,
     MAX_DATAGRAM,
@@ -116,8 +120,8 @@ class UdpPool:
         self.fallbacks = 0
         self._idle: deque[_UdpConnection] = deque()
         self._lock = threading.Lock()
-        self._family, self._address = _resolve(spec, spec.udp_port)
-        _POOLS.add(self)
+        self._family, self._address = resolve(spec, spec.udp_port, socket.SOCK_DGRAM)
+        reset_after_fork(self)
 
     def acquire(self) -> _UdpConnection:
         """An idle socket, or a new one; raises OSError if none can be opened."""
@@ -202,27 +206,6 @@ class UdpPool:
         # that does not exist in the child would never be released.
         self._lock = threading.Lock()
         self.clear()
-
-
-def _resolve(spec: ServerSpec, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
-    # Resolved once, at start-up, as for TCP: a DNS lookup must never sit in a request.
-    try:
-        infos = socket.getaddrinfo(spec.host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
-        raise ConnectError(f"memcached {spec.name}: cannot resolve host: {exc}") from exc
-    family, _, _, _, sockaddr = infos[0]
-    return family, (str(sockaddr[0]), int(sockaddr[1]))
-
-
-_POOLS: weakref.WeakSet[UdpPool] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_POOLS):
-        pool._forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- one read over UDP, retried over TCP -----------------------------------------------
