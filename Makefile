@@ -27,5 +27,12 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+bench: setup
+	$(BIN)/pip install -q -e '.[bench,plot]'
+	bench/run --wait-quiet 120
+
+bench-smoke: setup
+	bench/run --smoke
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
