@@ -93,6 +93,7 @@ class Cluster:
         routes = {p: u for p, u in zip(self.pools, self.udp_pools, strict=True) if u is not None}
         self._routes = UdpRoutes(routes, straggler_window=straggler_window) if routes else None
         self._health = [Health(since=monotonic()) for _ in self.servers]
+        self._last_reply = [float("-inf")] * len(self.servers)  # monotonic seconds
         self._lock = threading.Lock()
         ring = HashRing(
             nodes={spec.name: {"weight": spec.weight} for spec in self.servers},
@@ -134,14 +135,15 @@ class Cluster:
             exchange_factory=self._routes,
         )
         health = self._health
+        last_reply = self._last_reply
+        now = monotonic()
         for (index, _), result in zip(batch, results, strict=True):
             if isinstance(result, DatagramLostError):
                 continue  # a lost datagram says nothing about the server
-            if (
-                isinstance(result, MemsessError)
-                or health[index].failures
-                or not health[index].usable
-            ):
+            failed = isinstance(result, MemsessError)
+            if not failed:
+                last_reply[index] = now  # a float store: atomic, no lock needed
+            if failed or health[index].failures or not health[index].usable:
                 self._record(index, result)
         return results
 
@@ -197,6 +199,7 @@ class Cluster:
                     retry_interval=spec.retry_interval,
                     immediate=isinstance(result, ConnectError) and result.refused,
                     threshold=self.failure_threshold,
+                    last_reply=self._last_reply[index],
                 )
             else:
                 after = on_success(before, now)

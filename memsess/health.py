@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 __all__ = [
+    "DEFAULT_DOWN_AFTER_SILENCE",
     "DEFAULT_FAILURE_THRESHOLD",
     "Health",
     "State",
@@ -23,6 +24,12 @@ __all__ = [
 # Consecutive timeouts (or dropped stragglers) before a server is marked down.
 # One slow reply on a loaded 2-core machine is noise; three in a row is a hang.
 DEFAULT_FAILURE_THRESHOLD: Final = 3
+# Seconds a server must also have been silent (no reply to anyone) before
+# timeouts mark it down. On a busy host a burst of concurrent requests can all
+# be cut off as stragglers within a few milliseconds while the server is fine;
+# a hung server is silent for good. Seen in the threads bench: without this,
+# healthy servers were marked down for a whole retry interval.
+DEFAULT_DOWN_AFTER_SILENCE: Final = 0.25
 
 
 class State(enum.Enum):
@@ -64,12 +71,16 @@ def on_failure(
     retry_interval: float,
     immediate: bool = False,
     threshold: int = DEFAULT_FAILURE_THRESHOLD,
+    last_reply: float = float("-inf"),
+    down_after_silence: float = DEFAULT_DOWN_AFTER_SILENCE,
 ) -> Health:
     """A request failed. ``immediate`` (a refused connection, a failed probe)
     marks the server down at once; otherwise it goes down after ``threshold``
-    consecutive failures."""
+    consecutive failures once it has also not replied to anything since
+    ``last_reply`` for ``down_after_silence`` seconds."""
     failures = health.failures + 1
-    if immediate or health.state is State.PROBING or failures >= threshold:
+    silent = now - last_reply >= down_after_silence
+    if immediate or health.state is State.PROBING or (failures >= threshold and silent):
         since = health.since if health.state is State.DOWN else now
         return Health(State.DOWN, failures, now + retry_interval, reason, since)
     since = health.since if health.state is State.SUSPECT else now

@@ -78,3 +78,22 @@ def test_successful_probe_brings_the_server_back_up() -> None:
     assert health.state is State.UP
     assert health.failures == 0
     assert health.since == 15.1
+
+
+def test_a_burst_of_timeouts_right_after_a_reply_does_not_mark_down() -> None:
+    # A busy host: many concurrent requests cut off within milliseconds of a
+    # reply the server did give. It stays usable.
+    health = Health()
+    for now in (10.001, 10.002, 10.003, 10.004, 10.005):
+        health = on_failure(health, now, reason="straggler", retry_interval=15.0, last_reply=10.0)
+    assert health.state is State.SUSPECT
+    assert health.usable
+    assert health.failures == 5
+
+
+def test_timeouts_mark_down_once_the_server_has_also_been_silent() -> None:
+    health = Health()
+    for now in (10.1, 10.2, 10.3):
+        health = on_failure(health, now, reason="straggler", retry_interval=15.0, last_reply=10.0)
+    assert health.state is State.DOWN
+    assert health.retry_at == 25.3
