@@ -1,25 +1,34 @@
-"""The ``memsess`` command line: ``memsess demo``."""
+"""The ``memsess`` command line: ``demo``, ``check DSN`` and ``inspect DSN SESSION_ID``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from memsess.cli import EXIT_UNMET, UsageError, add_commands
+from memsess.errors import DSNError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (see ``memsess COMMAND --help``)."""
     parser = argparse.ArgumentParser(prog="memsess", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "demo", help="run 1000 sessions on 3 local memcached servers through single faults"
     )
+    add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from memsess.demo import run_demo
 
         return run_demo(sys.stdout)
-    parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse rejects first
-    return 2
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (DSNError, UsageError) as exc:  # a DSN or option that does not make sense
+        sys.stderr.write(f"memsess {args.command}: {exc}\n")
+        return EXIT_UNMET
 
 
 if __name__ == "__main__":

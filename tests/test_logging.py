@@ -1,0 +1,163 @@
+"""What memsess logs against real memcached: each event once, from one layer, naming the
+server and the reason, never the session's contents or its id."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import TEST_RETRY_INTERVAL, key_of, server_indexes
+
+from memsess import SessionStore
+from memsess.records import DATA, FLAGS, encode_record
+from memsess.serializers import MSGPACK
+from memsess.testing import LocalCluster
+
+MARKER = "marker-41d9-session-contents"
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="memsess")
+    return caplog
+
+
+@pytest.fixture
+def session(store: SessionStore, logs: pytest.LogCaptureFixture) -> Iterator[str]:
+    """A saved session holding MARKER; after the test, no log line may show either."""
+    sid = store.new_id()
+    store.save(sid, {"secret": MARKER})
+    yield sid
+    # At teardown, logs.records is the teardown's own (empty) list: ask for each phase.
+    for record in logs.get_records("setup") + logs.get_records("call"):
+        text = record.getMessage() + repr(record.args) + str(record.exc_info)
+        assert MARKER not in text
+        assert sid[:12] not in text  # not the id, not even a recognisable part of it
+
+
+def lines(logs: pytest.LogCaptureFixture, contains: str) -> list[logging.LogRecord]:
+    return [r for r in logs.records if r.name.startswith("memsess") and contains in r.getMessage()]
+
+
+def test_a_killed_server_is_marked_down_once_with_the_reason(
+    cluster: LocalCluster, store: SessionStore, session: str, logs: pytest.LogCaptureFixture
+) -> None:
+    first, _ = server_indexes(cluster, store, session)
+    cluster.kill(first)
+    for n in range(5):
+        store.load(session)
+        store.save(session, {"secret": MARKER, "n": n})
+    (down,) = lines(logs, "marked down")
+    address = cluster.servers[first].address
+    assert (down.name, down.levelno) == ("memsess.cluster", logging.WARNING)
+    assert down.getMessage().startswith(f"memcached {address} marked down (")
+    assert "Connection refused" in down.getMessage()
+    assert "retried in 0.3 s" in down.getMessage()
+
+
+def test_a_server_back_up_is_logged_once(
+    cluster: LocalCluster, store: SessionStore, session: str, logs: pytest.LogCaptureFixture
+) -> None:
+    first, _ = server_indexes(cluster, store, session)
+    cluster.kill(first)
+    store.load(session)
+    cluster.start_server(first)
+    time.sleep(TEST_RETRY_INTERVAL * 1.5)
+    for _ in range(5):
+        store.load(session)
+    (back,) = lines(logs, "back up")
+    assert (back.name, back.levelno) == ("memsess.cluster", logging.INFO)
+    assert back.getMessage() == f"memcached {cluster.servers[first].address} is back up"
+
+
+def test_a_hung_server_is_logged_as_slow_once(
+    cluster: LocalCluster, store: SessionStore, session: str, logs: pytest.LogCaptureFixture
+) -> None:
+    _, second = server_indexes(cluster, store, session)
+    cluster.hang(second)
+    try:
+        store.load(session)
+        store.load(session)  # still suspect: no second line
+    finally:
+        cluster.resume(second)
+    (slow,) = lines(logs, "slow")
+    assert slow.name == "memsess.cluster"
+    assert slow.getMessage().startswith(f"memcached {cluster.servers[second].address} is slow: ")
+    assert "no reply within the straggler window" in slow.getMessage()
+
+
+def test_a_write_that_missed_a_copy_is_logged_once_with_the_failed_server(
+    cluster: LocalCluster, store: SessionStore, session: str, logs: pytest.LogCaptureFixture
+) -> None:
+    first, _ = server_indexes(cluster, store, session)
+    cluster.kill(first)
+    store.save(session, {"secret": MARKER, "n": 2})  # asks both: one refuses
+    (partial,) = lines(logs, "reached")
+    address = cluster.servers[first].address
+    assert (partial.name, partial.levelno) == ("memsess.store", logging.INFO)
+    assert partial.getMessage().startswith("save reached 1 of 2 copies: ")
+    assert f"memcached {address}: connect failed: Connection refused" in partial.getMessage()
+    assert len(lines(logs, "marked down")) == 1  # the other event of the same failure
+
+
+def test_writes_while_a_server_is_known_down_log_each_time(
+    cluster: LocalCluster, store: SessionStore, session: str, logs: pytest.LogCaptureFixture
+) -> None:
+    first, _ = server_indexes(cluster, store, session)
+    cluster.kill(first)
+    store.load(session)  # marks it down
+    store.save(session, {"secret": MARKER, "n": 2})
+    store.delete(session)
+    # Pins today's behaviour: a server already known down is skipped, not asked, and
+    # each write still logs a line that names neither that server nor a reason.
+    messages = [r.getMessage() for r in lines(logs, "reached")]
+    assert messages == ["save reached 1 of 2 copies: ", "delete reached 1 of 2 copies: "]
+
+
+def test_a_repair_is_logged_once_per_read(
+    cluster: LocalCluster, store: SessionStore, session: str, logs: pytest.LogCaptureFixture
+) -> None:
+    first, _ = server_indexes(cluster, store, session)
+    old = encode_record(1_000_000, DATA, MSGPACK.id, MSGPACK.dumps({"secret": MARKER}))
+    cluster.set_raw(first, key_of(store, session), old, flags=FLAGS)
+    store.load(session)
+    store.load(session)  # nothing left to repair: no second line
+    (repair,) = lines(logs, "repairing")
+    digest = key_of(store, session)[-40:-32].decode()
+    assert repair.name == "memsess.store"
+    # Names the session by 8 digest characters; today it names no server and no reason.
+    assert repair.getMessage() == f"repairing 1 stale or missing copies of {digest}…"
+
+
+def test_a_corrupt_record_is_logged_once_with_the_server_and_reason(
+    cluster: LocalCluster, store: SessionStore, session: str, logs: pytest.LogCaptureFixture
+) -> None:
+    first, _ = server_indexes(cluster, store, session)
+    key = key_of(store, session)
+    intact = cluster.get_raw(first, key)
+    assert intact is not None
+    assert MARKER.encode() in intact
+    cluster.set_raw(first, key, intact[:-1] + bytes([intact[-1] ^ 1]), flags=FLAGS)
+    assert store.load(session) == {"secret": MARKER}
+    store.load(session)
+    (corrupt,) = lines(logs, "corrupt record")
+    address = cluster.servers[first].address
+    assert (corrupt.name, corrupt.levelno) == ("memsess.store", logging.WARNING)
+    assert f"on memcached {address}, read as no session: record checksum mismatch" in (
+        corrupt.getMessage()
+    )
+    assert len(lines(logs, "repairing")) == 1  # the rewrite is its own event
+
+
+def test_a_healthy_cluster_logs_nothing(
+    store: SessionStore, session: str, logs: pytest.LogCaptureFixture
+) -> None:
+    for n in range(20):
+        assert store.load(session) is not None
+        store.save(session, {"secret": MARKER, "n": n})
+        store.touch(session)
+    store.delete(session)
+    assert store.load(session) is None
+    assert [r for r in logs.records if r.name.startswith("memsess")] == []
