@@ -205,7 +205,10 @@ class Cluster:
                 after = on_success(before, now)
             self._health[index] = after
         if after.state is not before.state:
-            self.metrics.add("server_state_changes")
+            # A failed probe (probing -> down) repeats every retry interval while
+            # a server stays down: neither a change worth counting nor logging.
+            if not (before.state is State.PROBING and after.state is State.DOWN):
+                self.metrics.add("server_state_changes")
             _log_transition(spec, before, after, result)
 
 

@@ -69,6 +69,7 @@ class Tally:
 def run_scenario(scenario: Scenario, out: TextIO) -> Tally:
     """Save, fault, write and log out during the fault, heal, read everything."""
     tally = Tally()
+    started = time.perf_counter()
     with LocalCluster(3) as cluster:
         dsn = cluster.dsn(timeout=1, retry_interval=RETRY_INTERVAL)
         with SessionStore.from_dsn(dsn, redundancy=REDUNDANCY) as store:
@@ -87,7 +88,11 @@ def run_scenario(scenario: Scenario, out: TextIO) -> Tally:
             time.sleep(RETRY_INTERVAL * 1.2)
             for n, sid in enumerate(sids):
                 _check(store, sid, n, sid in logged_out, tally)
-    out.write(".")
+    wrong = tally.lost + tally.stale + tally.resurrected + tally.errors
+    out.write(
+        f"  {scenario.name}: {'ok' if not wrong else f'{wrong} wrong'}, {tally.ok}/{SESSIONS}"
+        f" correct ({time.perf_counter() - started:.1f} s)\n"
+    )
     out.flush()
     return tally
 
@@ -161,7 +166,7 @@ def _run_all(out: TextIO, collect: _Collect) -> int:
     )
     start = time.perf_counter()
     results = [(scenario, run_scenario(scenario, out)) for scenario in SCENARIOS]
-    out.write("\n\n")
+    out.write("\n")
     header = ("fault", "correct", "lost", "stale", "resurrected", "errors", "p50 ms", "worst ms")
     rows = [
         (

@@ -270,15 +270,21 @@ class SessionStore:
             return None
         record, raw = newest
         self._clock.observe(record.version)
-        repairs = [
-            (index, _guarded_write(key, raw, token, self._exptime(None)))
-            for index, (rec, _, token) in copies.items()
+        lagging = {  # server index -> why its copy is rewritten
+            index: "missing" if not stored else "corrupt" if rec is None else "stale"
+            for index, (rec, stored, _) in copies.items()
             if rec is None or rec.version < record.version
-        ]
-        if repairs:
-            log.info("repairing %d stale or missing copies of %s", len(repairs), _short(key))
-            self._metrics.add("repairs", len(repairs))
-            yield repairs
+        }
+        if lagging:
+            servers = self._cluster.servers
+            log.info(
+                "repairing %s: %s",
+                _short(key),
+                ", ".join(f"{why} on memcached {servers[i].name}" for i, why in lagging.items()),
+            )
+            self._metrics.add("repairs", len(lagging))
+            exptime = self._exptime(None)
+            yield [(i, _guarded_write(key, raw, copies[i][2], exptime)) for i in lagging]
         if record.is_tombstone:
             return None
         data = self._decode_payload(key, record)
@@ -377,13 +383,17 @@ class SessionStore:
         stored = sum(result is Status.STORED for result in results)
         if stored < self._cluster.redundancy and stored:
             self._metrics.add("partial_writes")
-            log.info(
-                "%s reached %d of %d copies: %s",
-                operation,
-                stored,
-                self._cluster.redundancy,
-                "; ".join(str(r) for r in results if r is not Status.STORED),
-            )
+            failed = [str(result) for result in results if result is not Status.STORED]
+            # A server skipped as down was logged once, when it was marked down;
+            # only a copy that was asked and failed is news.
+            if failed:
+                log.info(
+                    "%s reached %d of %d copies: %s",
+                    operation,
+                    stored,
+                    self._cluster.redundancy,
+                    "; ".join(failed),
+                )
         _require_stored(results, operation)
 
     def _read_copies(
@@ -396,7 +406,12 @@ class SessionStore:
         for index, result in zip(targets, results, strict=True):
             if not isinstance(result, Values):
                 if isinstance(result, ErrorReply):
-                    log.warning("memcached %s: %s", self._cluster.servers[index].name, result)
+                    log.warning(
+                        "memcached %s: %s %s",
+                        self._cluster.servers[index].name,
+                        result.kind,
+                        result.message,
+                    )
                 continue
             if not result.items:
                 copies[index] = (None, b"", None)
