@@ -124,9 +124,9 @@ class Session(MutableMapping[str, Any]):
             store.save(self.sid, data, ttl=ttl)
         elif self._regenerate:
             self._regenerate = False
-            self.sid = store.regenerate(sid, data)
-            if ttl != store.ttl:  # regenerate() writes with the store's own ttl
-                store.touch(self.sid, ttl=ttl)
+            # No snapshot: a login carries the data to the new id even if the old
+            # one was logged out meanwhile, as Django's own backends do.
+            self.sid = store.regenerate(sid, data, ttl=ttl)
         else:
             try:
                 store.save(sid, data, ttl=ttl, snapshot=snapshot)
