@@ -9,14 +9,10 @@ and ``local_cluster_factory`` fixtures.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +22,15 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 from urllib.parse import unquote_to_bytes, urlencode
 
+from memsess._local_servers import (
+    _admin_exchange,
+    _free_ports,
+    _kill_all,
+    _probe,
+    _spawn,
+    _Target,
+    _wait_all_threads_stopped,
+)
 from memsess.errors import MemsessError
 
 __all__ = ["LocalCluster", "LocalClusterError", "LocalServer", "MemcachedNotFoundError"]
@@ -34,10 +39,6 @@ ANSWER_TIMEOUT: Final = 2.0  # seconds an admin call (flush, keys, stats, ...) w
 START_TIMEOUT: Final = 5.0  # seconds a launched server has to answer before start fails
 _POLL_INTERVAL: Final = 0.002  # seconds; memcached answers ~5 ms after launch here
 _FRESH_PORT_ATTEMPTS: Final = 8
-# Ports are drawn below the kernel's ephemeral range (32768+ on Linux), so no outgoing
-# connection of the test itself can take a killed server's port before restart() rebinds it.
-_PORT_RANGE: Final = (20000, 32768)
-_ERROR_REPLIES: Final = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BUSY")
 _INSTALL_HINT: Final = (
     "install it (Debian/Ubuntu: apt-get install memcached; macOS: brew install memcached) "
     "or pass memcached='/path/to/memcached'"
@@ -82,12 +83,7 @@ def _reap(owner_pid: int, processes: list[subprocess.Popen[bytes]], directory: s
     """Kill and reap every process, remove the temp dir: the body of ``LocalCluster.close``."""
     if os.getpid() != owner_pid:
         return  # a forked child must never stop the servers of its parent
-    alive = [process for process in processes if process.poll() is None]
-    for process in alive:  # signal all first, then wait: they die in parallel
-        process.send_signal(signal.SIGCONT)  # harmless when running, wakes a hung one
-        process.kill()
-    for process in alive:
-        process.wait(timeout=START_TIMEOUT)
+    _kill_all(processes, timeout=START_TIMEOUT)
     processes.clear()
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -276,14 +272,7 @@ class LocalCluster:
         return argv + self.extra_args
 
     def _launch(self, server: LocalServer) -> None:
-        with open(server.log_path, "wb") as log:
-            server.process = subprocess.Popen(  # noqa: S603 - argv built here, no shell
-                self._argv(server),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509 - only prctl, see the hook
-            )
+        server.process = _spawn(self._argv(server), server.log_path)
         self._processes.append(server.process)
 
     def _bring_up(self, servers: list[LocalServer], *, same_address: bool) -> None:
@@ -297,7 +286,7 @@ class LocalCluster:
     def _await(self, server: LocalServer, *, same_address: bool, deadline: float) -> None:
         """Wait until ``server`` answers; relaunch it if another process took its port."""
         fresh_ports = _FRESH_PORT_ATTEMPTS
-        while (state := _probe(server)) != "up":
+        while (state := _probe(server.process, _target(server))) != "up":
             if time.monotonic() > deadline:
                 self._fail(server, f"did not answer ({state})")
             if state == "starting":
@@ -350,7 +339,7 @@ class LocalCluster:
         from pymemcache.exceptions import MemcacheError
 
         server = self._server(i, operation)
-        target = server.socket_path or (server.host, server.port)
+        target = _target(server)
         client = Client(
             target, connect_timeout=ANSWER_TIMEOUT, timeout=ANSWER_TIMEOUT, default_noreply=False
         )
@@ -373,25 +362,8 @@ def _find_memcached(memcached: str | None) -> str:
     return found
 
 
-def _free_ports(host: str, count: int, *, udp: bool) -> list[int]:
-    """``count`` distinct ports nobody listens on now (TCP, and UDP with ``udp``)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randrange(*_PORT_RANGE)
-        if port not in ports and all(_bindable(family, kind, host, port) for kind in kinds):
-            ports.append(port)
-    return ports
-
-
-def _bindable(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> bool:
-    with socket.socket(family, kind) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-        return True
+def _target(server: LocalServer) -> _Target:
+    return server.socket_path or (server.host, server.port)
 
 
 def _exchange(
@@ -399,75 +371,11 @@ def _exchange(
 ) -> bytes:
     """Send one command; read until ``END`` or an error line; ``timeout`` in seconds."""
     timeout = ANSWER_TIMEOUT if timeout is None else timeout
-    ipv6 = ":" in server.host and server.socket_path is None
-    family = socket.AF_UNIX if server.socket_path else socket.AF_INET6 if ipv6 else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(server.socket_path or (server.host, server.port))
-            sock.sendall(command)
-            reply = bytearray()
-            while not (reply == b"END\r\n" or reply.endswith(b"\nEND\r\n")):
-                if reply.startswith(_ERROR_REPLIES) and reply.endswith(b"\r\n"):
-                    break  # a one-line refusal instead of the data
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("server closed the connection before END")
-                reply += chunk
-            return bytes(reply)
+        return _admin_exchange(_target(server), command, timeout)
     except OSError as exc:
         message = f"{operation} on server {server.index} ({server.address}): {exc!r}"
         raise LocalClusterError(message) from exc
-
-
-def _probe(server: LocalServer) -> str:
-    """``"up"``, ``"starting"``, ``"exited"``, or ``"taken"`` (another process answers)."""
-    assert server.process is not None
-    if server.process.poll() is not None:
-        return "exited"
-    try:
-        reply = _exchange(server, b"stats\r\n", "start", timeout=0.25)
-    except LocalClusterError:  # refused, no socket file yet, or a listener that never answers
-        return "starting"
-    # The pid proves the answer came from our process, not one that won the port race.
-    return "up" if f"STAT pid {server.process.pid}\r\n".encode() in reply else "taken"
-
-
-def _wait_all_threads_stopped(pid: int, deadline: float) -> None:
-    """SIGSTOP returns before every thread has stopped; a request sent at once may get an answer."""
-    tasks = f"/proc/{pid}/task"
-    while os.path.isdir(tasks) and time.monotonic() < deadline:
-        states = set()
-        for task in os.listdir(tasks):
-            try:
-                with open(f"{tasks}/{task}/stat", "rb") as stat:
-                    states.add(stat.read().rpartition(b") ")[2][:1])
-            except OSError:
-                continue  # the thread is gone
-        if states <= {b"T"}:
-            return
-        time.sleep(0.001)
-
-
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """On Linux, have the kernel SIGKILL memcached if this process dies without cleaning up.
-
-    Only from the main thread: the kernel sends the signal when the *thread* that started
-    the child exits. The hook runs between fork and exec and only calls prctl.
-    """
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def hook() -> None:
-        prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return hook
 
 
 try:

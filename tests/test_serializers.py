@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from markupsafe import Markup
 
-from memsess import serializers
+from memsess import _msgpack_ext, serializers
 from memsess.errors import SerializationError
 from memsess.serializers import (
     JSON,
@@ -151,11 +151,11 @@ def test_object_with_html_comes_back_as_markup_like_flask_tags_it() -> None:
 def test_markup_comes_back_as_str_without_markupsafe(monkeypatch: pytest.MonkeyPatch) -> None:
     raw = MSGPACK.dumps({"html": Markup("<b>x</b>")})
     monkeypatch.setitem(sys.modules, "markupsafe", None)  # makes `import markupsafe` fail
-    serializers._markup_class.cache_clear()
+    _msgpack_ext._markup_class.cache_clear()
     try:
         back = MSGPACK.loads(raw)["html"]
     finally:
-        serializers._markup_class.cache_clear()
+        _msgpack_ext._markup_class.cache_clear()
     assert (type(back), back) == (str, "<b>x</b>")
 
 

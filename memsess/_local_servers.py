@@ -1,0 +1,142 @@
+"""Process and socket plumbing behind memsess.testing: free ports, memcached processes, raw I/O.
+
+Knows nothing of LocalCluster: failures surface as OSError, which memsess.testing translates.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+# Ports are drawn below the kernel's ephemeral range (32768+ on Linux), so no outgoing
+# connection of the test itself can take a killed server's port before restart() rebinds it.
+_PORT_RANGE: Final = (20000, 32768)
+_ERROR_REPLIES: Final = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BUSY")
+
+#: Where a server listens: its unix socket path, or (host, port).
+_Target = str | tuple[str, int]
+
+
+def _free_ports(host: str, count: int, *, udp: bool) -> list[int]:
+    """``count`` distinct ports nobody listens on now (TCP, and UDP with ``udp``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randrange(*_PORT_RANGE)
+        if port not in ports and all(_bindable(family, kind, host, port) for kind in kinds):
+            ports.append(port)
+    return ports
+
+
+def _bindable(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> bool:
+    with socket.socket(family, kind) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with its stdout and stderr in ``log_path``; it dies with us on Linux."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(  # noqa: S603 - argv built by LocalCluster, no shell
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509 - only prctl, see the hook
+        )
+
+
+def _kill_all(processes: list[subprocess.Popen[bytes]], *, timeout: float) -> None:
+    """SIGKILL every live process and reap it; ``timeout`` in seconds per process."""
+    alive = [process for process in processes if process.poll() is None]
+    for process in alive:  # signal all first, then wait: they die in parallel
+        process.send_signal(signal.SIGCONT)  # harmless when running, wakes a hung one
+        process.kill()
+    for process in alive:
+        process.wait(timeout=timeout)
+
+
+def _admin_exchange(target: _Target, command: bytes, timeout: float) -> bytes:
+    """Send one command; read until ``END`` or an error line; ``timeout`` in seconds.
+
+    Every failure (refused, timed out, closed before ``END``) is an OSError.
+    """
+    if isinstance(target, str):
+        family = socket.AF_UNIX
+    else:
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(target)
+        sock.sendall(command)
+        reply = bytearray()
+        while not (reply == b"END\r\n" or reply.endswith(b"\nEND\r\n")):
+            if reply.startswith(_ERROR_REPLIES) and reply.endswith(b"\r\n"):
+                break  # a one-line refusal instead of the data
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("server closed the connection before END")
+            reply += chunk
+        return bytes(reply)
+
+
+def _probe(process: subprocess.Popen[bytes] | None, target: _Target) -> str:
+    """``"up"``, ``"starting"``, ``"exited"``, or ``"taken"`` (another process answers)."""
+    assert process is not None
+    if process.poll() is not None:
+        return "exited"
+    try:
+        reply = _admin_exchange(target, b"stats\r\n", timeout=0.25)
+    except OSError:  # refused, no socket file yet, or a listener that never answers
+        return "starting"
+    # The pid proves the answer came from our process, not one that won the port race.
+    return "up" if f"STAT pid {process.pid}\r\n".encode() in reply else "taken"
+
+
+def _wait_all_threads_stopped(pid: int, deadline: float) -> None:
+    """SIGSTOP returns before every thread has stopped; a request sent at once may get an answer."""
+    tasks = f"/proc/{pid}/task"
+    while os.path.isdir(tasks) and time.monotonic() < deadline:
+        states = set()
+        for task in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{task}/stat", "rb") as stat:
+                    states.add(stat.read().rpartition(b") ")[2][:1])
+            except OSError:
+                continue  # the thread is gone
+        if states <= {b"T"}:
+            return
+        time.sleep(0.001)
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """On Linux, have the kernel SIGKILL memcached if this process dies without cleaning up.
+
+    Only from the main thread: the kernel sends the signal when the *thread* that started
+    the child exits. The hook runs between fork and exec and only calls prctl.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return hook
