@@ -11,13 +11,13 @@ import os
 import socket
 import weakref
 from collections import deque
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError
 from memsess.protocol import ClientProtocol
 
-__all__ = ["Connection", "ServerPool", "reset_after_fork", "resolve"]
+__all__ = ["Connection", "ServerPool", "close_all", "reset_after_fork", "resolve"]
 
 # Idle connections kept per server. A request holds one connection per server,
 # so this bounds sockets at (threads in flight) while idle.
@@ -90,17 +90,26 @@ class ServerPool:
 
     def clear(self) -> None:
         """Close every idle connection."""
-        while True:
-            try:
-                self._idle.pop().close()
-            except IndexError:
-                return
+        close_all(self._idle)
 
     def _forget_after_fork(self) -> None:
         # A forked child must not share sockets with its parent (a reply meant
         # for one could be read by the other). Closing the child's copy of a
         # descriptor sends nothing: the parent still holds the socket open.
         self.clear()
+
+
+_Conn = TypeVar("_Conn", bound="Connection")
+
+
+def close_all(idle: deque[_Conn]) -> None:
+    """Close every connection in ``idle``, emptying it; safe while other
+    threads pop from it (deque.pop is atomic)."""
+    while True:
+        try:
+            idle.pop().close()
+        except IndexError:
+            return
 
 
 def connect_error(spec: ServerSpec, code: int) -> ConnectError:

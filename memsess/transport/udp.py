@@ -25,6 +25,7 @@ from memsess.transport.pool import (
     DEFAULT_MAX_IDLE,
     Connection,
     ServerPool,
+    close_all,
     reset_after_fork,
     resolve,
 )
@@ -150,11 +151,7 @@ class UdpPool:
 
     def clear(self) -> None:
         """Close every idle socket."""
-        while True:
-            try:
-                self._idle.pop().close()
-            except IndexError:
-                return
+        close_all(self._idle)
 
     def usable(self) -> bool:
         """True when this read should try UDP (off and due again: one read claims it)."""
