@@ -123,3 +123,17 @@ def test_a_server_closing_mid_reply_is_an_error(cluster: LocalCluster) -> None:
 def test_unknown_host_is_a_connect_error() -> None:
     with pytest.raises(ConnectError, match="cannot resolve"):
         ServerPool(ServerSpec("tcp", "no-such-host.invalid", 11211))
+
+
+def test_running_out_of_sockets_is_a_connect_error_not_a_crash(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pools = pools_for(cluster)
+
+    def no_sockets(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(socket, "socket", no_sockets)
+    results = fanout(pools, [get(b"k")] * 3)
+    assert all(isinstance(r, ConnectError) and "Too many open files" in str(r) for r in results)
+    assert not any(isinstance(r, ConnectError) and r.refused for r in results)

@@ -193,6 +193,11 @@ def fanout(
         except ConnectError as exc:
             results[index] = exc
             continue
+        except OSError as exc:  # no socket to be had (e.g. out of file descriptors)
+            error = ConnectError(f"memcached {pool.spec.name}: cannot open a socket: {exc}")
+            error.__cause__ = exc
+            results[index] = error
+            continue
         if exchange.conn.connected:
             outcome = exchange.send()
             if outcome is _AGAIN and exchange.conn.connected:
