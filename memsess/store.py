@@ -380,8 +380,15 @@ class SessionStore:
         self._metrics.add("failovers")
 
     def _require_stored(self, results: list[Result], operation: str) -> None:
+        """Raise WriteError when no copy was stored; count (and log what is new
+        about) a write that reached fewer copies than the redundancy."""
         stored = sum(result is Status.STORED for result in results)
-        if stored < self._cluster.redundancy and stored:
+        if not stored:
+            raise WriteError(
+                f"{operation}: no copy could be stored: "
+                + "; ".join(str(result) for result in results)
+            )
+        if stored < self._cluster.redundancy:
             self._metrics.add("partial_writes")
             failed = [str(result) for result in results if result is not Status.STORED]
             # A server skipped as down was logged once, when it was marked down;
@@ -394,7 +401,6 @@ class SessionStore:
                     self._cluster.redundancy,
                     "; ".join(failed),
                 )
-        _require_stored(results, operation)
 
     def _read_copies(
         self, key: bytes, targets: list[int], results: list[Result]
@@ -463,14 +469,6 @@ def _guarded_write(key: bytes, raw: bytes, token: int | None, exptime: int) -> C
     if token is None:
         return protocol.add(key, raw, flags=FLAGS, exptime=exptime)
     return protocol.cas(key, raw, token, flags=FLAGS, exptime=exptime)
-
-
-def _require_stored(results: list[Result], operation: str) -> None:
-    if any(result is Status.STORED for result in results):
-        return
-    raise WriteError(
-        f"{operation}: no copy could be stored: " + "; ".join(str(result) for result in results)
-    )
 
 
 def _short(key: bytes) -> str:
