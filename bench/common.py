@@ -52,7 +52,6 @@ __all__ = [
     "pin_servers",
     "placement",
     "udp_addresses",
-    "udp_supported",
 ]
 
 #: Session sizes measured, by label: bytes of msgpack-encoded session data.
@@ -179,13 +178,6 @@ def machine_load(sample_seconds: float = 0.5) -> str:
 def _cpu_times() -> list[int]:
     with open("/proc/stat") as stat:
         return [int(field) for field in stat.readline().split()[1:]]
-
-
-def udp_supported() -> bool:
-    """True when memsess has a UDP read path (``udp://`` DSNs read over UDP)."""
-    import importlib.util
-
-    return importlib.util.find_spec("memsess.transport.udp") is not None
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,6 @@ from bench.common import (
     memsess_store,
     placement,
     udp_addresses,
-    udp_supported,
 )
 from bench.floor import RawTCP, raw_fanout_set, set_command
 from bench.relay import DelayRelay
@@ -348,9 +347,7 @@ def _tcp_dsn(servers: list[tuple[str, int]]) -> str:
 
 
 def _reads_over_udp(cluster: LocalCluster) -> bool:
-    """True when memsess has UDP reads and ``cluster`` serves UDP."""
-    if not udp_supported():
-        return False
+    """True when ``cluster`` serves UDP."""
     try:
         udp_addresses(cluster)
     except RuntimeError:
@@ -369,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     smoke = is_smoke(args.smoke)
     data = make_session(SIZES[args.size])
     load_before = machine_load()
-    with local_cluster(3, udp=udp_supported()) as cluster:
+    with local_cluster(3, udp=True) as cluster:
         steady = steady_state(cluster, data, calls=5 if smoke else 200, rounds=2 if smoke else 25)
         relay = through_relay(
             cluster,

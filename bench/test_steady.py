@@ -26,7 +26,6 @@ from bench.common import (
     make_session,
     memsess_store,
     udp_addresses,
-    udp_supported,
 )
 from bench.floor import RawTCP, RawUDP, raw_fanout_set, set_command
 from memsess import SessionStore
@@ -75,8 +74,6 @@ def test_memsess(
 def test_memsess_udp_load(
     benchmark: Benchmark, udp_cluster: LocalCluster, redundancy: int, size: str
 ) -> None:
-    if not udp_supported():
-        pytest.skip("memsess has no UDP transport yet (memsess.transport.udp)")
     with memsess_store(udp_cluster, redundancy=redundancy) as store:
         data = make_session(SIZES[size])
         sid = store.new_id()

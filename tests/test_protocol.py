@@ -352,7 +352,9 @@ MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
 @pytest.fixture(scope="module")
 def memcached_address() -> Iterator[tuple[str, int]]:
     if not os.access(MEMCACHED, os.X_OK):
-        pytest.skip("memcached is not installed")
+        pytest.fail(
+            "memcached is not installed: apt-get install memcached (scripts/ensure-memcached)"
+        )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
