@@ -1,20 +1,24 @@
-"""Placement and health: the ketama ring, replica sets, and fan-out with health updates.
+"""Placement and health: the ketama ring, replica sets, and running a batch of commands
+with health, round-trip times and trust floors updated from the outcomes.
 
-The ring is static: a server that is down stays on it and is skipped, so no
-key silently moves to a server that never had it.
+The ring is static: a server that is down stays on it and is skipped, so no key silently
+moves to a server that never had it. A down server is never asked by a request; the
+store's maintenance thread probes it (:meth:`Cluster.probe_due`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from time import monotonic
 
 from uhashring import HashRing
 
+from memsess._forksafe import renew_locks_after_fork
 from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError, MemsessError, NoServerAvailableError, TimeoutError
 from memsess.health import (
@@ -24,17 +28,20 @@ from memsess.health import (
     claim_probe,
     on_failure,
     on_success,
+    rtt_sample,
+    straggler_window,
 )
 from memsess.metrics import Metrics
 from memsess.protocol import Command
+from memsess.records import VersionClock
 from memsess.transport import (
-    DEFAULT_STRAGGLER_WINDOW,
     DatagramLostError,
+    Fanout,
     Result,
     ServerPool,
     UdpPool,
     UdpRoutes,
-    fanout,
+    WaitRule,
 )
 
 __all__ = ["Cluster", "ServerStatus"]
@@ -60,14 +67,18 @@ class ServerStatus:
 
 
 class Cluster:
-    """The servers of one DSN, their pools and their shared health table."""
+    """The servers of one DSN, their pools, and what this process knows of each: health,
+    round-trip times, and its *trust floor* — the version below which a copy read from it
+    may predate a write it missed (raised at each failure), so cannot decide a read alone.
+    """
 
     def __init__(
         self,
         servers: Sequence[ServerSpec],
         *,
         redundancy: int,
-        straggler_window: float = DEFAULT_STRAGGLER_WINDOW,
+        clock: VersionClock | None = None,
+        straggler_window: float | None = None,
         failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
         metrics: Metrics | None = None,
     ) -> None:
@@ -78,12 +89,13 @@ class Cluster:
                 f"redundancy={redundancy} needs at least that many servers;"
                 f" the DSN has {len(servers)}"
             )
-        if straggler_window < 0:
+        if straggler_window is not None and straggler_window < 0:
             raise ValueError(f"straggler_window must be >= 0 seconds, got {straggler_window}")
         self.servers = tuple(servers)
         self.redundancy = redundancy
-        self.straggler_window = straggler_window
+        self.fixed_window = straggler_window
         self.failure_threshold = failure_threshold
+        self.clock = VersionClock() if clock is None else clock
         self.metrics = Metrics() if metrics is None else metrics
         self.pools = tuple(ServerPool(spec) for spec in self.servers)
         # Gets to a server with a udp_port go over UDP; everything else over its pool.
@@ -91,33 +103,27 @@ class Cluster:
             None if spec.udp_port is None else UdpPool(spec) for spec in self.servers
         )
         routes = {p: u for p, u in zip(self.pools, self.udp_pools, strict=True) if u is not None}
+        self.has_udp = bool(routes)
         self._routes = UdpRoutes(routes, straggler_window=straggler_window) if routes else None
-        self._health = [Health(since=monotonic()) for _ in self.servers]
-        self._last_reply = [float("-inf")] * len(self.servers)  # monotonic seconds
+        count = len(self.servers)
+        self._health = [Health(since=monotonic()) for _ in range(count)]
+        self._last_reply = [float("-inf")] * count  # monotonic seconds
+        self._srtt = [0.0] * count  # seconds; 0: no round trip measured yet
+        self._rttvar = [0.0] * count
+        #: Per server, the version below which its copies need another copy's word.
+        self.trust_floor = [0] * count
+        #: Called (outside any lock) when a server is marked down: the store wakes the
+        #: thread that probes it.
+        self.on_down: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
-        ring = HashRing(
-            nodes={spec.name: {"weight": spec.weight} for spec in self.servers},
-            hash_fn="ketama",
-        )
-        position = {spec.name: index for index, spec in enumerate(self.servers)}
-
-        @lru_cache(maxsize=_REPLICA_CACHE_SIZE)
-        def replica_set(key: str) -> tuple[int, ...]:
-            nodes = ring.range(key, size=redundancy, unique=True)
-            return tuple(position[node["nodename"]] for node in nodes)
-
-        # The ring is built once and never changed, so reading it from many
-        # threads at once is safe (uhashring is not safe to mutate).
-        self.replica_set = replica_set
+        renew_locks_after_fork(self, "_lock")
+        self.replica_set = _replica_sets(self.servers, redundancy)
 
     def targets(self, key: str) -> list[int]:
-        """The servers of ``key``'s replica set to ask now: usable ones, plus a
-        down one whose retry interval has passed (as a probe)."""
+        """The servers of ``key``'s replica set to ask now: those not marked down."""
         members = self.replica_set(key)
         health = self._health
         chosen = [i for i in members if health[i].usable]
-        if len(chosen) < len(members):
-            chosen = self._with_probes(members)
         if not chosen:
             raise NoServerAvailableError(
                 "every server of this session's replica set is down: "
@@ -125,27 +131,111 @@ class Cluster:
             )
         return chosen
 
-    def execute(self, batch: Sequence[tuple[int, Command]]) -> list[Result]:
-        """Run one command per server at once; update health from the outcomes."""
+    def usable(self, index: int) -> bool:
+        """Whether requests ask server ``index`` (it is not marked down)."""
+        return self._health[index].usable
+
+    def window(self, index: int, *, write: bool) -> float:
+        """Seconds server ``index`` gets once the other answers are conclusive: the
+        ``straggler_window`` override, else adapted to its latency and state."""
+        if self.fixed_window is not None:
+            return self.fixed_window
+        return straggler_window(
+            self._health[index],
+            self._srtt[index],
+            self._rttvar[index],
+            write=write,
+            timeout=self.servers[index].timeout,
+        )
+
+    def execute(
+        self, batch: Sequence[tuple[int, Command]], rule: WaitRule, *, record: bool = True
+    ) -> list[Result]:
+        """Run one command per server at once under ``rule``; update health, round-trip
+        times and trust floors from the outcomes (health only with ``record``)."""
         pools = self.pools
-        results = fanout(
+        run = Fanout(
             [pools[index] for index, _ in batch],
             [command for _, command in batch],
-            straggler_window=self.straggler_window,
-            exchange_factory=self._routes,
-        )
+            rule,
+            self._routes,
+        ).run()
+        results: list[Result] = run.results  # type: ignore[assignment]  # all filled
         health = self._health
-        last_reply = self._last_reply
-        now = monotonic()
-        for (index, _), result in zip(batch, results, strict=True):
+        for slot, (index, _) in enumerate(batch):
+            result = results[slot]
             if isinstance(result, DatagramLostError):
                 continue  # a lost datagram says nothing about the server
-            failed = isinstance(result, MemsessError)
-            if not failed:
-                last_reply[index] = now  # a float store: atomic, no lock needed
-            if failed or health[index].failures or not health[index].usable:
-                self._record(index, result)
+            if run.exchanges[slot].retried:
+                # A pooled connection went stale: the server may have restarted, empty.
+                self.raise_trust_floor(index)
+            if isinstance(result, MemsessError):
+                self.raise_trust_floor(index)
+                if record:
+                    self.record(index, result)
+                continue
+            self._last_reply[index] = monotonic()  # a float store: atomic, no lock needed
+            self._srtt[index], self._rttvar[index] = rtt_sample(
+                self._srtt[index], self._rttvar[index], run.latency[slot]
+            )
+            if record and (health[index].failures or not health[index].usable):
+                self.record(index, result)
         return results
+
+    def raise_trust_floor(self, index: int, version: int | None = None) -> None:
+        """From now on a copy on server ``index`` older than ``version`` (default: now)
+        does not decide a read alone."""
+        version = self.clock.tick() if version is None else version
+        with self._lock:
+            self.trust_floor[index] = max(self.trust_floor[index], version)
+
+    # -- down servers and their probes ----------------------------------------------------
+
+    def next_probe_at(self) -> float | None:
+        """Monotonic time the first down server is due for a probe; None if none is down."""
+        due = [h.retry_at for h in self._health if h.state in (State.DOWN, State.PROBING)]
+        return min(due) if due else None
+
+    def claim_due_probes(self, now: float) -> list[int]:
+        """The down servers whose retry interval has passed, marked PROBING."""
+        claimed = []
+        with self._lock:
+            for index, health in enumerate(self._health):
+                probing = claim_probe(
+                    health, now, probe_timeout=self.servers[index].timeout * 2 + 1
+                )
+                if probing is not None:
+                    self._health[index] = probing
+                    claimed.append(index)
+        return claimed
+
+    def record(self, index: int, result: Result) -> None:
+        """Update server ``index``'s health from one outcome."""
+        spec = self.servers[index]
+        now = monotonic()
+        with self._lock:
+            before = self._health[index]
+            if isinstance(result, MemsessError):
+                after = on_failure(
+                    before,
+                    now,
+                    reason=str(result),
+                    retry_interval=spec.retry_interval,
+                    immediate=isinstance(result, ConnectError) and result.refused,
+                    threshold=self.failure_threshold,
+                    last_reply=self._last_reply[index],
+                )
+            else:
+                after = on_success(before, now)
+            self._health[index] = after
+        if after.state is not before.state:
+            # A failed probe (probing -> down) repeats every retry interval while
+            # a server stays down: neither a change worth counting nor logging.
+            if not (before.state is State.PROBING and after.state is State.DOWN):
+                self.metrics.add("server_state_changes")
+            _log_transition(spec, before, after, result)
+            if after.state is State.DOWN:
+                self.on_down()
 
     def status(self) -> list[ServerStatus]:
         now = monotonic()
@@ -171,45 +261,37 @@ class Cluster:
             if udp_pool is not None:
                 udp_pool.clear()
 
-    def _with_probes(self, members: tuple[int, ...]) -> list[int]:
-        now = monotonic()
-        chosen = []
-        with self._lock:
-            for index in members:
-                health = self._health[index]
-                if health.usable:
-                    chosen.append(index)
-                    continue
-                probing = claim_probe(health, now, probe_timeout=self.servers[index].timeout * 2)
-                if probing is not None:
-                    self._health[index] = probing
-                    chosen.append(index)
-        return chosen
 
-    def _record(self, index: int, result: Result) -> None:
-        spec = self.servers[index]
-        now = monotonic()
-        with self._lock:
-            before = self._health[index]
-            if isinstance(result, MemsessError):
-                after = on_failure(
-                    before,
-                    now,
-                    reason=str(result),
-                    retry_interval=spec.retry_interval,
-                    immediate=isinstance(result, ConnectError) and result.refused,
-                    threshold=self.failure_threshold,
-                    last_reply=self._last_reply[index],
-                )
-            else:
-                after = on_success(before, now)
-            self._health[index] = after
-        if after.state is not before.state:
-            # A failed probe (probing -> down) repeats every retry interval while
-            # a server stays down: neither a change worth counting nor logging.
-            if not (before.state is State.PROBING and after.state is State.DOWN):
-                self.metrics.add("server_state_changes")
-            _log_transition(spec, before, after, result)
+def _replica_sets(
+    servers: tuple[ServerSpec, ...], redundancy: int
+) -> Callable[[str], tuple[int, ...]]:
+    ring = HashRing(
+        nodes={spec.name: {"weight": spec.weight} for spec in servers},
+        hash_fn="ketama",
+    )
+    position = {spec.name: index for index, spec in enumerate(servers)}
+    names = [spec.name.encode() for spec in servers]
+
+    @lru_cache(maxsize=_REPLICA_CACHE_SIZE)
+    def replica_set(key: str) -> tuple[int, ...]:
+        members = [
+            position[node["nodename"]] for node in ring.range(key, size=redundancy, unique=True)
+        ]
+        if len(members) < redundancy:
+            # Skewed weights (weight=100 beside 1) can leave a server with no point on
+            # the ring at all, and ring.range then returns fewer distinct servers than
+            # asked: fill up by rendezvous hashing, so each key still gets `redundancy`
+            # distinct servers, always the same ones.
+            rest = sorted(
+                (i for i in range(len(servers)) if i not in members),
+                key=lambda i: hashlib.blake2b(names[i] + key.encode(), digest_size=8).digest(),
+            )
+            members += rest[: redundancy - len(members)]
+        return tuple(members)
+
+    # The ring is built once and never changed, so reading it from many threads at once
+    # is safe (uhashring is not safe to mutate).
+    return replica_set
 
 
 def _log_transition(spec: ServerSpec, before: Health, after: Health, result: Result) -> None:

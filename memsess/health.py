@@ -14,11 +14,17 @@ from typing import Final
 __all__ = [
     "DEFAULT_DOWN_AFTER_SILENCE",
     "DEFAULT_FAILURE_THRESHOLD",
+    "READ_WINDOW_FLOOR",
+    "SUSPECT_WINDOW_FLOOR",
+    "WINDOW_MULTIPLE",
+    "WRITE_WINDOW_FLOOR",
     "Health",
     "State",
     "claim_probe",
     "on_failure",
     "on_success",
+    "rtt_sample",
+    "straggler_window",
 ]
 
 # Consecutive timeouts (or dropped stragglers) before a server is marked down.
@@ -98,3 +104,46 @@ def claim_probe(health: Health, now: float, *, probe_timeout: float) -> Health |
     if due and now >= health.retry_at:
         return replace(health, state=State.PROBING, retry_at=now + probe_timeout, since=now)
     return None
+
+
+# -- how long to wait for a straggler -------------------------------------------------
+
+# The straggler window is how long the servers still silent get once what has arrived
+# decides the answer. It never decides correctness (plans only cut a copy off once the
+# rest is conclusive); it decides how often a healthy but busy server is cut off, which
+# costs a repair, a hint and a trust floor raised. Hence floors well above the noise
+# measured here: a Python process on a busy 2-core machine is descheduled for 1-10 ms,
+# and memcached beside three CPU-bound processes answers 5-20 ms late now and then.
+#: Reads: a cut-off read loses nothing, a late answer only feeds read repair.
+READ_WINDOW_FLOOR: Final = 0.010
+#: Writes wait longer: a write cut off is a copy missing until a repair lands, and
+#: under CPU load that must stay rare (redundancy must not drop silently).
+WRITE_WINDOW_FLOOR: Final = 0.050
+#: A server that already failed recently (SUSPECT) gets only this: while one hangs,
+#: every request that includes it would otherwise pay the full window until it is
+#: marked down.
+SUSPECT_WINDOW_FLOOR: Final = 0.002
+#: The window is this many times the server's high-percentile round trip (smoothed
+#: round trip + 4 deviations, RFC 6298's retransmission timeout formula).
+WINDOW_MULTIPLE: Final = 4.0
+
+
+def rtt_sample(srtt: float, rttvar: float, sample: float) -> tuple[float, float]:
+    """RFC 6298 section 2: the smoothed round trip and its mean deviation after one
+    more ``sample`` (seconds); ``srtt == 0`` means no sample yet."""
+    if srtt == 0.0:
+        return sample, sample / 2
+    return srtt + (sample - srtt) / 8, rttvar + (abs(srtt - sample) - rttvar) / 4
+
+
+def straggler_window(
+    health: Health, srtt: float, rttvar: float, *, write: bool, timeout: float
+) -> float:
+    """Seconds a silent server gets once the others' answers are conclusive: a multiple
+    of its recent high-percentile round trip, above a floor for its state, never above
+    its ``timeout``."""
+    if health.state is State.UP:
+        floor = WRITE_WINDOW_FLOOR if write else READ_WINDOW_FLOOR
+    else:
+        floor = SUSPECT_WINDOW_FLOOR
+    return min(timeout, max(floor, WINDOW_MULTIPLE * (srtt + 4 * rttvar)))

@@ -7,6 +7,7 @@ CRC-32 of the payload) followed by the serialized data; a tombstone has none.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
 import struct
@@ -16,17 +17,20 @@ import zlib
 from dataclasses import dataclass
 from typing import Final
 
+from memsess._forksafe import renew_locks_after_fork
 from memsess.errors import SessionIdError
 
 __all__ = [
     "DATA",
     "FLAGS",
+    "MAX_CLOCK_SKEW",
     "TOMBSTONE",
     "Record",
     "VersionClock",
     "decode_record",
     "encode_record",
     "is_valid_id",
+    "lifetime_seconds",
     "new_id",
     "storage_key",
 ]
@@ -36,14 +40,25 @@ _ID_BYTES: Final = 32
 _ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 
 _MAGIC: Final = 0xD5
-_FORMAT: Final = 1
-_HEADER: Final = struct.Struct(">BBBBQI")
+# Format 2 adds the session's lifetime, so a read repair gives a copy the session's own
+# ttl, not the store's default; its CRC-32 covers the header too. Format 1 records
+# (no lifetime: repaired with the reader's default ttl) are still read.
+_FORMAT: Final = 2
+_FORMAT_1: Final = 1
+_PREFIX: Final = struct.Struct(">BBBBQ")  # magic, format, kind, serializer id, version
+_HEADER: Final = struct.Struct(">BBBBQII")  # ... then lifetime (s), CRC-32
+_HEADER_1: Final = struct.Struct(">BBBBQI")  # ... then CRC-32 of the payload
 HEADER_SIZE: Final = _HEADER.size
 DATA: Final = 0
 TOMBSTONE: Final = 1
 # memcached's per-item flags mark our records ("ms"), so a record written by
 # another client under our prefix is recognised as foreign, not misread.
 FLAGS: Final = 0x6D73
+#: Seconds a stored version may run ahead of this machine's clock. App servers' clocks
+#: differ by seconds, a broken NTP by minutes; a version further ahead is corrupt or
+#: hostile, and trusting it would push every later version (and the clock) past it.
+MAX_CLOCK_SKEW: Final = 86400
+_MAX_SKEW_US: Final = MAX_CLOCK_SKEW * 1_000_000
 
 
 def new_id() -> str:
@@ -75,52 +90,95 @@ class Record:
     kind: int  # DATA or TOMBSTONE
     serializer_id: int
     payload: bytes  # serialized session data; b"" for a tombstone
+    ttl: int = 0  # the session's lifetime in seconds; 0: unknown (a format 1 record)
 
     @property
     def is_tombstone(self) -> bool:
         return self.kind == TOMBSTONE
 
 
-def encode_record(version: int, kind: int, serializer_id: int, payload: bytes = b"") -> bytes:
-    header = _HEADER.pack(_MAGIC, _FORMAT, kind, serializer_id, version, zlib.crc32(payload))
-    return header + payload
+def encode_record(
+    version: int, kind: int, serializer_id: int, payload: bytes = b"", *, ttl: int = 0
+) -> bytes:
+    """The stored bytes of a record; ``ttl``: the session's lifetime in seconds."""
+    prefix = _PREFIX.pack(_MAGIC, _FORMAT, kind, serializer_id, version)
+    crc = zlib.crc32(payload, zlib.crc32(struct.pack(">I", ttl), zlib.crc32(prefix)))
+    return prefix + struct.pack(">II", ttl, crc) + payload
 
 
-def decode_record(raw: bytes, flags: int) -> Record:
-    """Parse stored bytes; ValueError for anything that is not an intact record."""
+def lifetime_seconds(ttl: object, *, name: str = "ttl") -> int:
+    """A session lifetime as memcached takes it: whole seconds, rounded up (0.5 -> 1).
+
+    memcached's exptime is an integer and 0 means "never expires", so 0.5 must not
+    truncate to 0. TypeError for a bool or a non-number, ValueError for NaN, an
+    infinity or a value <= 0; both name ``name``."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(ttl).__name__}")
+    if not 0 < ttl < math.inf:  # also False for NaN
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {ttl!r}")
+    return int(ttl) if isinstance(ttl, int) else math.ceil(ttl)
+
+
+def decode_record(raw: bytes, flags: int, *, now_us: int | None = None) -> Record:
+    """Parse stored bytes; ValueError for anything that is not an intact record.
+
+    A version of 0, or more than :data:`MAX_CLOCK_SKEW` ahead of ``now_us``
+    (microseconds since the epoch; default: the wall clock), is impossible: no
+    VersionClock writes it, so the record is corrupt."""
     if flags != FLAGS:
         raise ValueError(f"foreign item (flags {flags}, expected {FLAGS})")
-    if len(raw) < HEADER_SIZE:
+    if len(raw) < _HEADER_1.size:
         raise ValueError(f"record of {len(raw)} bytes is shorter than its header")
-    magic, fmt, kind, serializer_id, version, crc = _HEADER.unpack_from(raw)
-    if magic != _MAGIC or fmt != _FORMAT:
+    magic, fmt, kind, serializer_id, version = _PREFIX.unpack_from(raw)
+    if magic != _MAGIC or fmt not in (_FORMAT, _FORMAT_1):
         raise ValueError("bad record magic or format")
     if kind not in (DATA, TOMBSTONE):
         raise ValueError(f"unknown record kind {kind}")
-    payload = raw[HEADER_SIZE:]
-    if zlib.crc32(payload) != crc:
+    if fmt == _FORMAT_1:
+        ttl, crc = 0, _HEADER_1.unpack_from(raw)[-1]
+        payload = raw[_HEADER_1.size :]
+        checked = zlib.crc32(payload)
+    else:
+        if len(raw) < HEADER_SIZE:
+            raise ValueError(f"record of {len(raw)} bytes is shorter than its header")
+        ttl, crc = _HEADER.unpack_from(raw)[-2:]
+        payload = raw[HEADER_SIZE:]
+        checked = zlib.crc32(payload, zlib.crc32(raw[: HEADER_SIZE - 4]))
+    if checked != crc:
         raise ValueError("record checksum mismatch")
-    return Record(version, kind, serializer_id, payload)
+    if now_us is None:
+        now_us = time.time_ns() // 1000
+    if not 0 < version <= now_us + _MAX_SKEW_US:
+        raise ValueError(
+            f"impossible version {version}: 0, or over {MAX_CLOCK_SKEW} s ahead of this clock"
+        )
+    return Record(version, kind, serializer_id, payload, ttl)
 
 
 class VersionClock:
     """A hybrid logical clock: versions are microseconds since the epoch, but
     always above any version this process has seen, so a write made after
-    reading a copy written on a machine whose clock runs ahead still wins."""
+    reading a copy written on a machine whose clock runs ahead still wins.
+    Safe to share between threads and across a fork."""
 
-    __slots__ = ("_last", "_lock")
+    __slots__ = ("__weakref__", "_last", "_lock")
 
     def __init__(self) -> None:
         self._last = 0
         self._lock = threading.Lock()
+        renew_locks_after_fork(self, "_lock")
 
     def tick(self) -> int:
+        """A new version: now in microseconds, or one more than the last one."""
         now = time.time_ns() // 1000
         with self._lock:
             self._last = version = max(now, self._last + 1)
         return version
 
     def observe(self, version: int) -> None:
-        if version > self._last:
+        """Have later ticks pass ``version``, unless it is over MAX_CLOCK_SKEW ahead:
+        decode_record refuses those already; this keeps one that slipped through
+        from moving every later version of the process (so tick() stays in 64 bits)."""
+        if version > self._last and version <= time.time_ns() // 1000 + _MAX_SKEW_US:
             with self._lock:
                 self._last = max(self._last, version)

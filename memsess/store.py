@@ -1,15 +1,15 @@
-"""SessionStore: session ids, versioned records, read repair and tombstones.
+"""SessionStore: session ids, versioned records and their serialization, and the
+blocking driver that runs the plans (memsess.plans) through the cluster's fan-out.
 
-Each operation is a plan written as a generator: it yields batches of
-``(server, command)`` and receives their results, so the blocking driver here
-and a later asyncio driver run the same logic (httpx's ``auth_flow`` way).
+What each operation asks and when its answer is conclusive is decided in memsess.plans,
+sans-I/O, so an asyncio driver runs the very same plans.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -19,28 +19,29 @@ from memsess.cluster import Cluster, ServerStatus
 from memsess.dsn import ServerSpec, parse_dsn
 from memsess.errors import (
     MemsessError,
-    NoServerAvailableError,
     SessionGoneError,
     SessionTooLargeError,
     WriteError,
 )
 from memsess.errors import TimeoutError as MemsessTimeoutError
+from memsess.maintenance import Maintenance
 from memsess.metrics import Metrics
-from memsess.protocol import Command, ErrorReply, Status, Values
+from memsess.plans import Flow, Plans, short
+from memsess.protocol import Status
 from memsess.records import (
     DATA,
     FLAGS,
     TOMBSTONE,
     Record,
     VersionClock,
-    decode_record,
     encode_record,
     is_valid_id,
+    lifetime_seconds,
     new_id,
     storage_key,
 )
 from memsess.serializers import SERIALIZERS, Serializer, get_serializer
-from memsess.transport import DEFAULT_STRAGGLER_WINDOW, Result
+from memsess.transport import Result
 
 __all__ = ["DEFAULT_TTL", "SessionStore", "Snapshot"]
 
@@ -54,9 +55,7 @@ _MAX_RELATIVE_EXPTIME: Final = 30 * 24 * 3600
 # Room memcached needs in an item besides the value: item header, key, suffix.
 _ITEM_OVERHEAD: Final = 512
 
-Batch = list[tuple[int, Command]]
 T = TypeVar("T")
-Flow = Generator[Batch, list[Result], T]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,33 +82,45 @@ class SessionStore:
         servers: Sequence[ServerSpec],
         *,
         redundancy: int | None = None,
-        ttl: int = DEFAULT_TTL,
+        ttl: float = DEFAULT_TTL,
         serializer: str | Serializer = "msgpack",
         key_prefix: str = "memsess:",
-        straggler_window: float = DEFAULT_STRAGGLER_WINDOW,
+        straggler_window: float | None = None,
         max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
     ) -> None:
         """``redundancy``: copies of each session (default 2, or fewer when the
         DSN lists fewer servers). ``ttl``: seconds a session lives after its
-        last save or touch (default 1440). ``straggler_window``: seconds the
-        other copies get once one has answered (default 0.005).
-        ``max_item_size``: the servers' ``-I`` item size in bytes (default 1 MiB)."""
+        last save or touch (default 1440; a fraction is rounded up to whole
+        seconds, memcached's unit). ``straggler_window``: seconds the copies still
+        silent get once the others' answers are conclusive (default: adapted to
+        each server's latency, see docs/consistency.md). ``max_item_size``: the
+        servers' ``-I`` item size in bytes (default 1 MiB)."""
         if redundancy is None:
             redundancy = min(DEFAULT_REDUNDANCY, len(servers))
-        if ttl <= 0:
-            raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
-        self.ttl = ttl
+        self.ttl = lifetime_seconds(ttl)
         self.serializer = get_serializer(serializer)
         self.key_prefix = key_prefix.encode("ascii")
         self.max_value_size = max_item_size - _ITEM_OVERHEAD - len(self.key_prefix)
         self._metrics = Metrics()
+        self._clock = VersionClock()
         self._cluster = Cluster(
             servers,
             redundancy=redundancy,
+            clock=self._clock,
             straggler_window=straggler_window,
             metrics=self._metrics,
         )
-        self._clock = VersionClock()
+        self._plans = Plans(
+            self._cluster,
+            self._metrics,
+            key_prefix=self.key_prefix,
+            exptime=self._exptime,
+            # Lambdas: the maintenance is built next, and runs these very plans.
+            missed=lambda key, servers: self._maintenance.hint(key, servers),  # noqa: PLW0108
+            degraded=lambda: self._maintenance.wake(),  # noqa: PLW0108
+        )
+        self._maintenance = Maintenance(self._cluster, self._plans, self._run)
+        self._cluster.on_down = self._maintenance.wake
 
     @classmethod
     def from_dsn(cls, dsn: str, **options: Any) -> SessionStore:
@@ -128,7 +139,7 @@ class SessionStore:
     def load(self, sid: str) -> dict[str, Any] | None:
         """The session's data, or None when absent, expired, logged out or not
         a valid id (nothing is sent then). Raises NoServerAvailableError when
-        no copy could be asked."""
+        no copy could be read."""
         snapshot = self.fetch(sid)
         return None if snapshot is None else snapshot.data
 
@@ -136,37 +147,51 @@ class SessionStore:
         """Like :meth:`load`, with the version and CAS tokens for a conditional save."""
         if not is_valid_id(sid):
             return None
-        snapshot = self._run(self._fetch_flow(sid, storage_key(self.key_prefix, sid)))
-        self._metrics.add("hits" if snapshot is not None else "misses")
-        return snapshot
+        key = storage_key(self.key_prefix, sid)
+        self._metrics.add("loads")
+        found = self._run(self._plans.read(key))
+        data = None
+        if found is not None and not found.record.is_tombstone:
+            data = self._decode_payload(key, found.record)
+        self._metrics.add("hits" if data is not None else "misses")
+        if found is None or data is None:
+            return None
+        return Snapshot(sid, data, found.record.version, found.tokens)
 
     def save(
         self,
         sid: str,
         data: Mapping[str, Any],
         *,
-        ttl: int | None = None,
+        ttl: float | None = None,
         snapshot: Snapshot | None = None,
     ) -> None:
-        """Store ``data`` as the newest version on every live copy, in parallel.
+        """Store ``data`` as the newest version on every live copy, in parallel,
+        to live ``ttl`` seconds (default: the store's; rounded up to whole seconds).
 
         With the ``snapshot`` the data was loaded as, a logout made since then
         wins: nothing is stored and SessionGoneError is raised. Raises
         SessionIdError for a malformed id and SessionTooLargeError for data over
         the item size (nothing is sent either way), WriteError when no copy
         could be stored."""
-        key = storage_key(self.key_prefix, sid)
+        key = storage_key(self.key_prefix, sid)  # SessionIdError before anything is done
+        seconds = self.ttl if ttl is None else lifetime_seconds(ttl)
         payload = self.serializer.dumps(data)
-        record = encode_record(self._clock.tick(), DATA, self.serializer.id, payload)
+        version = self._clock.tick()
+        record = encode_record(version, DATA, self.serializer.id, payload, ttl=seconds)
         if len(record) > self.max_value_size:
             raise SessionTooLargeError(
                 f"session data is {len(record)} bytes serialized, over the servers' item size"
                 f" ({self.max_value_size} bytes usable); nothing was stored"
             )
         self._metrics.add("saves")
-        self._run(self._save_flow(key, record, self._exptime(ttl), snapshot))
+        since = None if snapshot is None else (snapshot.version, dict(snapshot.tokens))
+        results = self._run(
+            self._plans.save(key, record, version, self._exptime(seconds), since=since)
+        )
+        self._require_stored(results, "save")
 
-    def touch(self, sid: str, *, ttl: int | None = None) -> bool:
+    def touch(self, sid: str, *, ttl: float | None = None) -> bool:
         """Extend the lifetime of every copy to ``ttl`` seconds (default: the
         store's); False when no copy exists or the id is malformed."""
         if not is_valid_id(sid):
@@ -174,19 +199,20 @@ class SessionStore:
         key = storage_key(self.key_prefix, sid)
         command = protocol.touch(key, self._exptime(ttl))
         self._metrics.add("touches")
-        results = self._run(self._one_batch_flow(key, command))
+        results = self._run(self._plans.write(key, command))
         return any(result is Status.TOUCHED for result in results)
 
     def delete(self, sid: str) -> None:
         """Log out: write a tombstone, newer than every copy, to every live copy,
-        so a copy that missed the logout loses to it when its server returns."""
+        so a copy that missed the logout loses to it when its server returns. The
+        tombstone lives as long as a session of the store's ttl."""
         if not is_valid_id(sid):
             return
         key = storage_key(self.key_prefix, sid)
-        tombstone = encode_record(self._clock.tick(), TOMBSTONE, self.serializer.id)
+        tombstone = encode_record(self._clock.tick(), TOMBSTONE, self.serializer.id, ttl=self.ttl)
         command = protocol.set(key, tombstone, flags=FLAGS, exptime=self._exptime(None))
         self._metrics.add("deletes")
-        results = self._run(self._one_batch_flow(key, command))
+        results = self._run(self._plans.write(key, command))
         self._require_stored(results, "delete")
 
     def regenerate(
@@ -194,7 +220,7 @@ class SessionStore:
         sid: str,
         data: Mapping[str, Any] | None = None,
         *,
-        ttl: int | None = None,
+        ttl: float | None = None,
         snapshot: Snapshot | None = None,
     ) -> str:
         """Move the session to a new id (against session fixation, e.g. at login):
@@ -232,8 +258,10 @@ class SessionStore:
         return self._cluster.status()
 
     def close(self) -> None:
-        """Close every idle connection. The store can still be used afterwards
-        (connections are reopened), which keeps close() safe in any order."""
+        """Close every idle connection and stop the background thread. The store can
+        still be used afterwards (connections are reopened), which keeps close()
+        safe in any order."""
+        self._maintenance.close()
         self._cluster.close()
 
     def __enter__(self) -> SessionStore:
@@ -247,130 +275,19 @@ class SessionStore:
     ) -> None:
         self.close()
 
-    # -- plans ------------------------------------------------------------------
-
-    def _targets(self, key: bytes) -> list[int]:
-        targets = self._cluster.targets(key.decode("ascii"))
-        if len(targets) < self._cluster.redundancy:
-            self._metrics.add("failovers")
-        return targets
-
-    def _fetch_flow(self, sid: str, key: bytes) -> Flow[Snapshot | None]:
-        self._metrics.add("loads")
-        targets = self._targets(key)
-        command = protocol.get(key, cas=True)
-        results = yield [(index, command) for index in targets]
-        copies = self._read_copies(key, targets, results)
-        newest = max(
-            ((rec, raw) for rec, raw, _ in copies.values() if rec is not None),
-            key=lambda copy: copy[0].version,
-            default=None,
-        )
-        if newest is None:
-            return None
-        record, raw = newest
-        self._clock.observe(record.version)
-        lagging = {  # server index -> why its copy is rewritten
-            index: "missing" if not stored else "corrupt" if rec is None else "stale"
-            for index, (rec, stored, _) in copies.items()
-            if rec is None or rec.version < record.version
-        }
-        if lagging:
-            servers = self._cluster.servers
-            log.info(
-                "repairing %s: %s",
-                _short(key),
-                ", ".join(f"{why} on memcached {servers[i].name}" for i, why in lagging.items()),
-            )
-            self._metrics.add("repairs", len(lagging))
-            exptime = self._exptime(None)
-            yield [(i, _guarded_write(key, raw, copies[i][2], exptime)) for i in lagging]
-        if record.is_tombstone:
-            return None
-        data = self._decode_payload(key, record)
-        if data is None:
-            return None
-        tokens = {index: token for index, (_, _, token) in copies.items()}
-        return Snapshot(sid, data, record.version, tokens)
-
-    def _save_flow(
-        self, key: bytes, record: bytes, exptime: int, snapshot: Snapshot | None
-    ) -> Flow[None]:
-        targets = self._targets(key)
-        if snapshot is None:
-            command = protocol.set(key, record, flags=FLAGS, exptime=exptime)
-            results = yield [(index, command) for index in targets]
-        else:
-            results = yield [
-                (index, _guarded_write(key, record, snapshot.tokens.get(index), exptime))
-                for index in targets
-            ]
-            conflicts = [
-                index
-                for index, result in zip(targets, results, strict=True)
-                if result in (Status.EXISTS, Status.NOT_STORED, Status.NOT_FOUND)
-            ]
-            if conflicts:
-                results = yield from self._resolve_conflicts(
-                    key,
-                    record,
-                    exptime,
-                    snapshot,
-                    targets=targets,
-                    results=results,
-                    conflicts=conflicts,
-                )
-        self._require_stored(results, "save")
-
-    def _resolve_conflicts(
-        self,
-        key: bytes,
-        record: bytes,
-        exptime: int,
-        snapshot: Snapshot,
-        *,
-        targets: list[int],
-        results: list[Result],
-        conflicts: list[int],
-    ) -> Generator[Batch, list[Result], list[Result]]:
-        """Some copies changed since the load: a newer logout wins, anything
-        else (a concurrent save) is overwritten by this newer version."""
-        command = protocol.get(key)
-        current = yield [(index, command) for index in conflicts]
-        copies = self._read_copies(key, conflicts, current)
-        logged_out = any(
-            rec is not None and rec.is_tombstone and rec.version > snapshot.version
-            for rec, _, _ in copies.values()
-        )
-        if logged_out:
-            tombstone = encode_record(self._clock.tick(), TOMBSTONE, self.serializer.id)
-            command = protocol.set(key, tombstone, flags=FLAGS, exptime=exptime)
-            yield [(index, command) for index in targets]
-            raise SessionGoneError("the session was logged out since it was loaded; not saved")
-        command = protocol.set(key, record, flags=FLAGS, exptime=exptime)
-        rewritten = yield [(index, command) for index in conflicts]
-        merged = dict(zip(targets, results, strict=True))
-        merged.update(zip(conflicts, rewritten, strict=True))
-        return list(merged.values())
-
-    def _one_batch_flow(self, key: bytes, command: Command) -> Flow[list[Result]]:
-        targets = self._targets(key)
-        results = yield [(index, command) for index in targets]
-        return results
-
-    # -- helpers ----------------------------------------------------------------
+    # -- the blocking driver ------------------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
-        """The blocking driver: run each batch through the cluster's fan-out."""
+        """Run each step of a plan through the cluster's fan-out, in this thread."""
         execute = self._cluster.execute
         try:
-            batch = next(flow)
+            step = next(flow)
             while True:
-                results = execute(batch)
+                results = execute(step.batch, step.rule, record=step.record)
                 for result in results:
                     if isinstance(result, MemsessError):
                         self._count_failure(result)
-                batch = flow.send(results)
+                step = flow.send(results)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
@@ -378,6 +295,8 @@ class SessionStore:
         if isinstance(error, MemsessTimeoutError) and error.straggler:
             self._metrics.add("straggler_drops")
         self._metrics.add("failovers")
+
+    # -- helpers ----------------------------------------------------------------------
 
     def _require_stored(self, results: list[Result], operation: str) -> None:
         """Raise WriteError when no copy was stored; count (and log what is new
@@ -395,52 +314,12 @@ class SessionStore:
             # only a copy that was asked and failed is news.
             if failed:
                 log.info(
-                    "%s reached %d of %d copies: %s",
+                    "%s reached %d of %d copies: %s (repaired in the background when it answers)",
                     operation,
                     stored,
                     self._cluster.redundancy,
                     "; ".join(failed),
                 )
-
-    def _read_copies(
-        self, key: bytes, targets: list[int], results: list[Result]
-    ) -> dict[int, tuple[Record | None, bytes, int | None]]:
-        """The copies servers answered with: (record or None, raw bytes, CAS
-        token); a server that did not answer is left out. Raises
-        NoServerAvailableError when no server answered."""
-        copies: dict[int, tuple[Record | None, bytes, int | None]] = {}
-        for index, result in zip(targets, results, strict=True):
-            if not isinstance(result, Values):
-                if isinstance(result, ErrorReply):
-                    log.warning(
-                        "memcached %s: %s %s",
-                        self._cluster.servers[index].name,
-                        result.kind,
-                        result.message,
-                    )
-                continue
-            if not result.items:
-                copies[index] = (None, b"", None)
-                continue
-            item = result.items[0]
-            try:
-                record: Record | None = decode_record(item.value, item.flags)
-            except ValueError as exc:
-                self._metrics.add("corrupt_records")
-                log.warning(
-                    "corrupt record for %s on memcached %s, read as no session: %s",
-                    _short(key),
-                    self._cluster.servers[index].name,
-                    exc,
-                )
-                record = None
-            copies[index] = (record, item.value, item.cas)
-        if not copies:
-            raise NoServerAvailableError(
-                "no copy of this session could be read: "
-                + "; ".join(str(result) for result in results)
-            )
-        return copies
 
     def _decode_payload(self, key: bytes, record: Record) -> dict[str, Any] | None:
         serializer = SERIALIZERS.get(record.serializer_id)
@@ -451,26 +330,12 @@ class SessionStore:
                 raise ValueError(f"unknown serializer id {record.serializer_id}")
             return serializer.loads(record.payload)
         except ValueError as exc:
-            log.warning("undecodable session data for %s, read as no session: %s", _short(key), exc)
+            self._metrics.add("corrupt_records")
+            log.warning("undecodable session data for %s, read as no session: %s", short(key), exc)
             return None
 
-    def _exptime(self, ttl: int | None) -> int:
-        seconds = self.ttl if ttl is None else ttl
-        if seconds <= 0:
-            raise ValueError(f"ttl must be a positive number of seconds, got {seconds}")
+    def _exptime(self, ttl: float | None) -> int:
+        seconds = self.ttl if ttl is None else lifetime_seconds(ttl)
         if seconds > _MAX_RELATIVE_EXPTIME:
             return int(time.time()) + seconds
-        return int(seconds)
-
-
-def _guarded_write(key: bytes, raw: bytes, token: int | None, exptime: int) -> Command:
-    # cas/add, never set: a write that lands between our read and the repair
-    # is newer than what we read and must not be overwritten.
-    if token is None:
-        return protocol.add(key, raw, flags=FLAGS, exptime=exptime)
-    return protocol.cas(key, raw, token, flags=FLAGS, exptime=exptime)
-
-
-def _short(key: bytes) -> str:
-    # Logs name a session by a few digest characters, never by its id.
-    return key[-40:-32].decode("ascii", "replace") + "…"
+        return seconds

@@ -1,6 +1,14 @@
-"""Sockets and deadlines: pooled non-blocking connections, the fan-out loop, and UDP reads."""
+"""Sockets and deadlines: pooled non-blocking connections, the sans-I/O exchange of one
+command with one server, the blocking fan-out loop that drives them, and UDP reads."""
 
-from memsess.transport.fanout import DEFAULT_STRAGGLER_WINDOW, Result, fanout
+from memsess.transport.exchange import Exchange, Result
+from memsess.transport.fanout import (
+    DEFAULT_STRAGGLER_WINDOW,
+    Fanout,
+    FirstReply,
+    WaitRule,
+    fanout,
+)
 from memsess.transport.pool import Connection, ServerPool
 from memsess.transport.udp import DEFAULT_UDP_WAIT, DatagramLostError, UdpPool, UdpRoutes
 
@@ -9,9 +17,13 @@ __all__ = [
     "DEFAULT_UDP_WAIT",
     "Connection",
     "DatagramLostError",
+    "Exchange",
+    "Fanout",
+    "FirstReply",
     "Result",
     "ServerPool",
     "UdpPool",
     "UdpRoutes",
+    "WaitRule",
     "fanout",
 ]

@@ -1,171 +1,70 @@
-"""Send one command to each of several servers before reading any reply.
+"""The blocking driver: send one command to each of several servers before reading any
+reply, then carry bytes and timers for all of them in one ``poll`` loop.
 
-Writing two copies costs about one round trip, not two. Once a server has
-answered, the others get a short straggler window; a server that is still
-silent then is cut off (its connection closed) so one hung server adds
-milliseconds to a request, not its full timeout.
+Writing two copies costs about one round trip, not two. Nothing here decides: what a
+socket event means is the :class:`~memsess.transport.exchange.Exchange`'s (and
+:class:`~memsess.transport.udp_core.UdpRead`'s) call, and when the operation has heard
+enough to cut off the servers still silent is the :class:`WaitRule`'s, which the plan
+of the operation passes in. This loop moves bytes, opens and closes sockets, reads the
+clock.
 """
 
 from __future__ import annotations
 
-import errno
+import logging
 import select
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from math import ceil
 from time import monotonic
-from typing import Final
+from typing import Final, Protocol
 
-from memsess.errors import (
-    ConnectError,
-    ConnectionClosedError,
-    MemsessError,
-    ProtocolError,
-    TimeoutError,
-)
-from memsess.protocol import NEED_DATA, Command, ErrorReply, Reply
-from memsess.transport.pool import Connection, ServerPool, connect_error
+from memsess.errors import ConnectError, MemsessError
+from memsess.protocol import Command
+from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result
+from memsess.transport.pool import Connection, ServerPool
+from memsess.transport.udp import DatagramLostError, UdpPool, UdpRoutes, _UdpConnection
+from memsess.transport.udp_core import UdpRead
 
-__all__ = ["DEFAULT_STRAGGLER_WINDOW", "Result", "fanout"]
+__all__ = ["DEFAULT_STRAGGLER_WINDOW", "Fanout", "FirstReply", "Result", "WaitRule", "fanout"]
 
-# Seconds the other copies get once one copy has answered. A loopback or LAN
-# round trip is well under a millisecond; a few milliseconds absorb scheduling
-# noise on a busy 2-core machine without letting a hung server be felt.
+log = logging.getLogger("memsess.transport")
+
+#: Seconds the other servers get once one has replied, for :func:`fanout` without a
+#: rule (the stores pass rules of their own, with windows that adapt to latency).
 DEFAULT_STRAGGLER_WINDOW: Final = 0.005
 
-Result = Reply | MemsessError
-
+_INF: Final = float("inf")
 _RECV_SIZE: Final = 262144
+_UDP_RECV_SIZE: Final = 65536  # over any datagram's size: a datagram is never cut by recv
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
 _POLL_FAILED: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
-# Errors from a connection taken from the pool that only mean it went stale
-# while idle (the server restarted or closed it): worth one retry on a new one.
-_STALE: Final = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
 
 
-class _Exchange:
-    """One command on its way to one server."""
+class WaitRule(Protocol):
+    """When an operation has heard enough: told of each server's result as it arrives."""
 
-    __slots__ = ("command", "conn", "deadline", "index", "out", "pool", "received")
-
-    def __init__(self, index: int, pool: ServerPool, command: Command, deadline: float) -> None:
-        self.index = index
-        self.pool = pool
-        self.command = command
-        self.deadline = deadline
-        self.conn: Connection = pool.acquire()
-        self.out = self.conn.protocol.send(command)
-        self.received = False
-
-    def fail(self, error: MemsessError) -> MemsessError:
-        self.conn.close()
-        return error
-
-    def send(self) -> Result | _Again | None:
-        """Write what is left of the command; None while more remains."""
-        try:
-            sent = self.conn.sock.send(self.out)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            return self._stale_or(exc, "send")
-        self.out = self.out[sent:]
-        return None
-
-    def receive(self) -> Result | _Again | None:
-        """Read what arrived; the reply once complete, else None."""
-        conn = self.conn
-        try:
-            data = conn.sock.recv(_RECV_SIZE)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            return self._stale_or(exc, "recv")
-        if not data:
-            return self._closed_by_server()
-        self.received = True
-        conn.protocol.receive_data(data)
-        try:
-            reply = conn.protocol.next_reply()
-        except ProtocolError as exc:
-            return self.fail(exc)
-        if reply is NEED_DATA:
-            return None
-        assert not isinstance(reply, type(NEED_DATA))
-        if isinstance(reply, ErrorReply) and reply.kind != "SERVER_ERROR":
-            # After ERROR / CLIENT_ERROR the server may have skipped or kept
-            # part of our bytes: the stream can no longer be trusted.
-            conn.close()
-        else:
-            self.pool.release(conn)
-        return reply
-
-    def expire(self, straggler: bool) -> Result | _Again:
-        """The deadline (or, with ``straggler``, the straggler window) has passed.
-
-        Gives up here; a subclass may move to another socket instead (returns _AGAIN).
-        """
-        # Closing is what makes a late reply harmless: it can never be read
-        # as the answer to a later command on a reused connection.
-        spec = self.pool.spec
-        what = (
-            "no reply within the straggler window after the other copies answered"
-            if straggler
-            else f"no reply within its timeout of {spec.timeout:g} s"
-        )
-        return self.fail(TimeoutError(f"memcached {spec.name}: {what}", straggler=straggler))
-
-    def _closed_by_server(self) -> MemsessError | _Again:
-        if self.conn.reused and not self.received:
-            return self._retry(ConnectionClosedError(self._msg("closed the connection")))
-        return self.fail(ConnectionClosedError(self._msg("closed the connection mid-reply")))
-
-    def finish_connect(self) -> Result | _Again | None:
-        code = self.conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            return self.fail(connect_error(self.pool.spec, code))
-        self.conn.connected = True
-        return None
-
-    def _stale_or(self, exc: OSError, op: str) -> MemsessError | _Again:
-        error = ConnectionClosedError(self._msg(f"{op} failed: {exc.strerror or exc}"))
-        error.__cause__ = exc
-        if exc.errno in _STALE and self.conn.reused and not self.received:
-            return self._retry(error)
-        return self.fail(error)
-
-    def _retry(self, error: MemsessError) -> MemsessError | _Again:
-        # A pooled connection that died while idle says nothing about the
-        # server now (it may have restarted): one retry on a new connection.
-        self.conn.close()
-        try:
-            self.conn = self.pool.open()
-        except ConnectError as exc:
-            exc.__context__ = error
-            return exc
-        self.out = self.conn.protocol.send(self.command)
-        self.received = False
-        return _AGAIN
-
-    @property
-    def interest(self) -> int:
-        """The poll events this exchange waits for next."""
-        return _POLLOUT if self.out or not self.conn.connected else _POLLIN
-
-    def _msg(self, what: str) -> str:
-        return f"memcached {self.pool.spec.name}: {what}"
+    def on_result(self, slot: int, result: Result, now: float) -> float:
+        """``slot`` ended with ``result`` at monotonic ``now``; returns the monotonic time
+        from which the slots still waiting may be cut off (inf: each waits for its own
+        deadline; ``now`` or earlier: at once)."""
+        ...
 
 
-class _Again:
-    """Marker: the exchange moved to a new connection; poll it again."""
+class FirstReply:
+    """The simplest rule: once any server has replied, the others get ``window`` s more."""
 
+    __slots__ = ("cut_at", "window")
 
-_AGAIN: Final = _Again()
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.cut_at = _INF
 
-#: Builds the exchange of one (index, pool, command, deadline); the UDP transport
-#: passes its own, so its reads share this poll loop and its straggler window.
-ExchangeFactory = Callable[[int, ServerPool, Command, float], _Exchange]
+    def on_result(self, slot: int, result: Result, now: float) -> float:
+        if self.cut_at == _INF and not isinstance(result, MemsessError):
+            self.cut_at = now + self.window
+        return self.cut_at
 
 
 def fanout(
@@ -173,105 +72,299 @@ def fanout(
     commands: Sequence[Command],
     *,
     straggler_window: float = DEFAULT_STRAGGLER_WINDOW,
-    exchange_factory: ExchangeFactory | None = None,
+    rule: WaitRule | None = None,
+    routes: UdpRoutes | None = None,
 ) -> list[Result]:
-    """Send ``commands[i]`` to ``pools[i]`` for every i at once; return one
-    result per server, in order: its reply, or the error that ended it.
+    """Send ``commands[i]`` to ``pools[i]`` for every i at once; return one result per
+    server, in order: its reply, or the error that ended it.
 
-    Each server has its own deadline (its DSN ``timeout``, seconds); once any
-    server has replied, the rest have ``straggler_window`` seconds more.
-    ``exchange_factory`` builds each exchange (default: over the pool's stream).
+    Each server has its own deadline (its DSN ``timeout``, seconds). ``rule`` says when
+    the servers still silent are cut off (default: ``straggler_window`` seconds after the
+    first reply); ``routes`` sends reads over UDP where a server has a UDP port.
     """
-    start = _Exchange if exchange_factory is None else exchange_factory
-    now = monotonic()
-    results: list[Result | None] = [None] * len(pools)
-    live: dict[int, _Exchange] = {}
-    poller = select.poll()
-    for index, (pool, command) in enumerate(zip(pools, commands, strict=True)):
+    run = Fanout(pools, commands, rule or FirstReply(straggler_window), routes).run()
+    return run.results  # type: ignore[return-value]  # every slot is filled by now
+
+
+class Fanout:
+    """One batch in flight. After :meth:`run`: ``results``, ``latency`` (seconds from
+    the start to each result) and ``exchanges`` (``retried``: a pooled connection had
+    gone stale, so the server was reset since this process last used it)."""
+
+    __slots__ = (
+        "_by_fd",
+        "_conns",
+        "_cut_at",
+        "_poller",
+        "_pools",
+        "_routes",
+        "_rule",
+        "_start",
+        "_udp",
+        "exchanges",
+        "latency",
+        "results",
+    )
+
+    def __init__(
+        self,
+        pools: Sequence[ServerPool],
+        commands: Sequence[Command],
+        rule: WaitRule,
+        routes: UdpRoutes | None = None,
+    ) -> None:
+        self._start = start = monotonic()
+        self._pools = pools
+        self._rule = rule
+        self._routes = routes
+        self._cut_at = _INF
+        self._poller = select.poll()
+        self._by_fd: dict[int, int] = {}  # socket fd -> slot, for the slots still waiting
+        count = len(pools)
+        self._conns: list[Connection | None] = [None] * count
+        self._udp: list[tuple[UdpPool, UdpRead] | None] = [None] * count
+        self.results: list[Result | None] = [None] * count
+        self.latency = [0.0] * count
+        self.exchanges = [
+            Exchange(slot, pool.spec, command, start + pool.spec.timeout)
+            for slot, (pool, command) in enumerate(zip(pools, commands, strict=True))
+        ]
+
+    def run(self) -> Fanout:
+        for slot in range(len(self.exchanges)):
+            self._begin(slot)
+        while self._by_fd:
+            self._wait()
+        return self
+
+    # -- starting ------------------------------------------------------------------------
+
+    def _begin(self, slot: int) -> None:
+        exchange = self.exchanges[slot]
+        routes = self._routes
+        udp = None if routes is None else routes.route(self._pools[slot], exchange.command)
+        if udp is not None:
+            try:
+                conn = udp.acquire()
+            except OSError as exc:  # no socket to be had (EMFILE...): this read goes by TCP
+                log.warning("memcached %s: no UDP socket, read over TCP: %s", udp.spec.name, exc)
+            else:
+                assert routes is not None
+                read = UdpRead(exchange.command, conn.take_id(), conn.protocol, routes.udp_wait)
+                self._udp[slot] = (udp, read)
+                self._conns[slot] = conn
+                self._send_datagram(slot, conn, read)
+                return
+        self._open_stream(slot, fresh=False)
+
+    def _open_stream(self, slot: int, *, fresh: bool) -> None:
+        pool = self._pools[slot]
         try:
-            exchange = start(index, pool, command, now + pool.spec.timeout)
+            conn = pool.open() if fresh else pool.acquire()
         except ConnectError as exc:
-            results[index] = exc
-            continue
+            self._finish(slot, exc)
+            return
         except OSError as exc:  # no socket to be had (e.g. out of file descriptors)
             error = ConnectError(f"memcached {pool.spec.name}: cannot open a socket: {exc}")
             error.__cause__ = exc
-            results[index] = error
-            continue
-        if exchange.conn.connected:
-            outcome = exchange.send()
-            if outcome is _AGAIN and exchange.conn.connected:
-                outcome = exchange.send()
-            if isinstance(outcome, MemsessError):
-                results[index] = outcome
-                continue
-        live[exchange.conn.fd] = exchange
-        poller.register(exchange.conn.fd, exchange.interest)
-    if live:
-        _wait(live, poller, results, straggler_window)
-    return results  # type: ignore[return-value]  # every slot is filled by now
+            self._finish(slot, error)
+            return
+        self._conns[slot] = conn
+        self.exchanges[slot].begin(conn.protocol, reused=conn.reused)
+        if conn.connected:
+            self._send(slot, conn)
+            if self.results[slot] is not None or self._conns[slot] is not conn:
+                return  # finished, or moved to another connection, while sending
+        self._watch(slot, conn)
 
+    def _send_datagram(self, slot: int, conn: Connection, read: UdpRead) -> None:
+        try:
+            conn.sock.send(read.datagram)  # a datagram goes out whole or not at all
+        except BlockingIOError:
+            pass  # the send buffer is full: polled for POLLOUT like a stream
+        except OSError as exc:
+            self._over_tcp(slot, exc)
+            return
+        else:
+            read.datagram = b""
+            read.sent(monotonic(), self.exchanges[slot].deadline)
+        self._watch(slot, conn)
 
-def _wait(
-    live: dict[int, _Exchange],
-    poller: select.poll,
-    results: list[Result | None],
-    straggler_window: float,
-) -> None:
-    cutoff = float("inf")  # set once the first copy has answered
-    while live:
-        limit = min(cutoff, *(x.deadline for x in live.values()))
+    # -- the loop ------------------------------------------------------------------------
+
+    def _watch(self, slot: int, conn: Connection) -> None:
+        """(Re)register ``conn`` for what ``slot`` waits for next."""
+        fd = conn.fd
+        udp = self._udp[slot]
+        if udp is not None:
+            interest = _POLLOUT if udp[1].datagram else _POLLIN
+        else:
+            exchange = self.exchanges[slot]
+            interest = _POLLOUT if exchange.out or not conn.connected else _POLLIN
+        if fd in self._by_fd:
+            self._poller.modify(fd, interest)
+        else:
+            self._by_fd[fd] = slot
+            self._poller.register(fd, interest)
+
+    def _unwatch(self, slot: int) -> Connection | None:
+        conn = self._conns[slot]
+        if conn is not None and self._by_fd.pop(conn.fd, None) is not None:
+            self._poller.unregister(conn.fd)
+        self._conns[slot] = None
+        return conn
+
+    def _wait(self) -> None:
+        exchanges = self.exchanges
+        udp = self._udp
+        limit = self._cut_at
+        for slot in self._by_fd.values():
+            pending = udp[slot]
+            deadline = exchanges[slot].deadline if pending is None else pending[1].deadline
+            limit = min(limit, deadline)
         wait_ms = max(0, ceil((limit - monotonic()) * 1000))
-        events = poller.poll(wait_ms)
+        events = self._poller.poll(wait_ms)
         for fd, mask in events:
-            exchange = live.pop(fd)
-            poller.unregister(fd)
-            outcome = _step(exchange, mask)
-            if outcome is None or outcome is _AGAIN:
-                live[exchange.conn.fd] = exchange
-                poller.register(exchange.conn.fd, exchange.interest)
-                continue
-            assert not isinstance(outcome, _Again)
-            results[exchange.index] = outcome
-            if cutoff == float("inf") and not isinstance(outcome, MemsessError):
-                cutoff = monotonic() + straggler_window
+            ready = self._by_fd.get(fd)
+            if ready is not None:
+                self._step(ready, mask)
         if not events:
-            # Only after a poll that found nothing ready: a reply that already
-            # arrived is never thrown away because this thread ran late.
-            _expire(live, poller, results, cutoff)
+            # Only after a poll that found nothing ready: a reply that already arrived is
+            # never thrown away because this thread ran late.
+            self._expire(monotonic())
 
+    def _step(self, slot: int, mask: int) -> None:
+        conn = self._conns[slot]
+        assert conn is not None
+        udp = self._udp[slot]
+        if udp is not None:
+            self._step_udp(slot, conn, *udp)
+            return
+        exchange = self.exchanges[slot]
+        if not conn.connected:
+            code = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._end(slot, exchange.connect_failed(code), keep=False)
+                return
+            conn.connected = True
+        if exchange.out:
+            self._send(slot, conn)  # fully sent or not, the reply is awaited on a next poll
+            if self._conns[slot] is conn:
+                self._watch(slot, conn)
+        elif mask & (_POLLIN | _POLL_FAILED):
+            try:
+                data = conn.sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._act(slot, exchange.failed(exc, "recv"))
+                return
+            self._act(slot, exchange.data_received(data))
 
-def _step(exchange: _Exchange, mask: int) -> Result | _Again | None:
-    conn = exchange.conn
-    if not conn.connected:
-        outcome = exchange.finish_connect()
-        if outcome is not None:
-            return outcome
-    if exchange.out:
-        # Fully sent or not, the reply is awaited on the next poll.
-        return exchange.send()
-    if mask & (_POLLIN | _POLL_FAILED):
-        return exchange.receive()
-    return None
+    def _send(self, slot: int, conn: Connection) -> None:
+        exchange = self.exchanges[slot]
+        try:
+            sent = conn.sock.send(exchange.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._act(slot, exchange.failed(exc, "send"))
+            return
+        exchange.sent(sent)
 
+    def _act(self, slot: int, outcome: Outcome) -> None:
+        """Do what the exchange said: wait on, reconnect, or end with a result."""
+        if outcome is None:
+            return
+        if isinstance(outcome, Reconnect):
+            conn = self._unwatch(slot)
+            if conn is not None:
+                conn.close()
+            self._open_stream(slot, fresh=True)
+            return
+        keep = not isinstance(outcome, MemsessError) and self.exchanges[slot].keep
+        self._end(slot, outcome, keep=keep)
 
-def _expire(
-    live: dict[int, _Exchange],
-    poller: select.poll,
-    results: list[Result | None],
-    cutoff: float,
-) -> None:
-    now = monotonic()
-    for fd, exchange in list(live.items()):
-        straggler = now >= cutoff and now < exchange.deadline
-        if not straggler and now < exchange.deadline:
-            continue
-        del live[fd]
-        poller.unregister(fd)
-        outcome = exchange.expire(straggler)
-        if outcome is _AGAIN:  # moved to another socket (a UDP read retried over TCP)
-            live[exchange.conn.fd] = exchange
-            poller.register(exchange.conn.fd, exchange.interest)
-            continue
-        assert not isinstance(outcome, _Again)
-        results[exchange.index] = outcome
+    def _step_udp(self, slot: int, conn: Connection, udp: UdpPool, read: UdpRead) -> None:
+        if read.datagram:  # the send buffer had no room for it at first
+            self._unwatch(slot)
+            self._send_datagram(slot, conn, read)
+            return
+        recv = conn.sock.recv
+        while True:
+            try:
+                datagram = recv(_UDP_RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._over_tcp(slot, exc)
+                return
+            outcome = read.datagram_received(datagram)
+            if outcome is None:
+                continue
+            if isinstance(outcome, str):
+                self._over_tcp(slot, outcome)
+                return
+            self._unwatch(slot)
+            self._udp[slot] = None
+            udp.replied(conn)  # pools the socket again
+            self._finish(slot, outcome)
+            return
+        read.progressed(monotonic(), self.exchanges[slot].deadline)
+
+    def _over_tcp(self, slot: int, cause: OSError | str) -> None:
+        """Drop the UDP socket (a late datagram then has nowhere to land) and send the
+        command over a stream connection of the same server, under its own deadline."""
+        udp = self._udp[slot]
+        assert udp is not None
+        conn = self._unwatch(slot)
+        if conn is not None:
+            conn.close()
+        self._udp[slot] = None
+        refused = isinstance(cause, ConnectionRefusedError)  # ICMP port unreachable: no -U
+        if isinstance(cause, OSError):
+            cause = "nothing listens on the UDP port (refused)" if refused else f"UDP: {cause}"
+        log.debug("memcached %s: read retried over TCP: %s", udp[0].spec.name, cause)
+        udp[0].record_loss(cause, refused=refused)
+        self._open_stream(slot, fresh=False)
+
+    def _expire(self, now: float) -> None:
+        cut_at = self._cut_at
+        for slot in list(self._by_fd.values()):
+            exchange = self.exchanges[slot]
+            udp = self._udp[slot]
+            deadline = exchange.deadline if udp is None else udp[1].deadline
+            straggler = cut_at <= now < exchange.deadline
+            if not straggler and now < deadline:
+                continue
+            if udp is None:
+                self._end(slot, exchange.expired(straggler=straggler), keep=False)
+            elif not straggler:
+                self._over_tcp(slot, f"no complete reply within {udp[1].udp_wait * 1000:g} ms")
+            else:
+                # Cut off while on UDP: the datagram may just be lost, which says nothing
+                # about the server, so the error is one health does not count.
+                udp[0].record_loss("no reply within the straggler window")
+                name = udp[0].spec.name
+                message = f"memcached {name}: no UDP reply within the straggler window"
+                self._end(slot, DatagramLostError(message, straggler=True), keep=False)
+
+    # -- ending --------------------------------------------------------------------------
+
+    def _end(self, slot: int, result: Result, *, keep: bool) -> None:
+        conn = self._unwatch(slot)
+        if conn is not None:
+            if keep and not isinstance(conn, _UdpConnection):
+                self._pools[slot].release(conn)
+            else:
+                # Closing is what makes a late reply harmless: it can never be read as
+                # the answer to a later command on a reused connection.
+                conn.close()
+        self._udp[slot] = None
+        self._finish(slot, result)
+
+    def _finish(self, slot: int, result: Result) -> None:
+        now = monotonic()
+        self.results[slot] = result
+        self.latency[slot] = now - self._start
+        self._cut_at = self._rule.on_result(slot, result, now)

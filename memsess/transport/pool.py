@@ -16,16 +16,22 @@ from typing import Final, Protocol, TypeVar
 from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError
 from memsess.protocol import ClientProtocol
+from memsess.transport.exchange import connect_error
 
-__all__ = ["Connection", "ServerPool", "close_all", "reset_after_fork", "resolve"]
+__all__ = [
+    "Connection",
+    "ServerPool",
+    "close_all",
+    "connect_error",
+    "reset_after_fork",
+    "resolve",
+]
 
 # Idle connections kept per server. A request holds one connection per server,
 # so this bounds sockets at (threads in flight) while idle.
 DEFAULT_MAX_IDLE: Final = 32
 
 _IN_PROGRESS: Final = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY})
-# Nothing listens there: the server is down, not slow (DESIGN: "marked down at once").
-_REFUSED: Final = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET})
 
 
 class Connection:
@@ -110,13 +116,6 @@ def close_all(idle: deque[_Conn]) -> None:
             idle.pop().close()
         except IndexError:
             return
-
-
-def connect_error(spec: ServerSpec, code: int) -> ConnectError:
-    reason = os.strerror(code) if code else "connection failed"
-    return ConnectError(
-        f"memcached {spec.name}: connect failed: {reason}", refused=code in _REFUSED
-    )
 
 
 def _resolve_stream(spec: ServerSpec) -> tuple[socket.AddressFamily, str | tuple[str, int]]:

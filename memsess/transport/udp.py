@@ -1,13 +1,11 @@
-"""Session reads over memcached's UDP protocol (protocol.txt, "UDP protocol").
-
-A get goes out as one datagram behind an 8-byte frame header; the datagrams of its reply
-are put back in order and parsed by the same ClientProtocol as TCP. A reply that is lost,
-late, truncated or malformed is retried over TCP to the same server, within fanout's loop.
+"""Sockets for session reads over memcached's UDP protocol (protocol.txt, "UDP protocol"):
+a pool of connected UDP sockets per server, whether UDP works there, and which reads go
+over it. The read itself is :class:`memsess.transport.udp_core.UdpRead`, driven by
+fanout's loop, which retries a lost, late, truncated or malformed reply over TCP.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import secrets
 import socket
@@ -18,9 +16,8 @@ from time import monotonic
 from typing import Final
 
 from memsess.dsn import ServerSpec
-from memsess.errors import ConnectError, ProtocolError, TimeoutError
-from memsess.protocol import Command, ErrorReply, ReplyKind
-from memsess.transport.fanout import _AGAIN, DEFAULT_STRAGGLER_WINDOW, Result, _Again, _Exchange
+from memsess.errors import TimeoutError
+from memsess.protocol import Command, ReplyKind
 from memsess.transport.pool import (
     DEFAULT_MAX_IDLE,
     Connection,
@@ -32,23 +29,22 @@ from memsess.transport.pool import (
 from memsess.transport.udp_core import (
     HEADER,
     MAX_DATAGRAM,
-    Reassembly,
     UdpState,
-    parse_reply,
     udp_after_loss,
     udp_after_reply,
     udp_claim_retry,
 )
 
-__all__ = ["DEFAULT_UDP_WAIT", "DatagramLostError", "UdpExchange", "UdpPool", "UdpRoutes"]
+__all__ = ["DEFAULT_UDP_WAIT", "DatagramLostError", "UdpPool", "UdpRoutes"]
 
 log = logging.getLogger("memsess.transport.udp")
 
 #: Seconds without a new datagram after which a UDP reply counts as lost and the read is
 #: retried over TCP. A LAN answers in tens of microseconds; 2 ms absorbs scheduling noise
-#: on a busy 2-core box, and leaves 3 ms of the 5 ms straggler window for the TCP retry
-#: (~0.1 ms) once the other copies have answered. Too short costs a spurious TCP round
-#: trip, never a wrong answer; too long delays a read whose every copy was lost.
+#: on a busy 2-core box and stays well inside the straggler window, so a read whose
+#: datagram was lost is still answered over TCP once the other copies have answered. Too
+#: short costs a spurious TCP round trip, never a wrong answer; too long delays a read
+#: whose every copy was lost.
 DEFAULT_UDP_WAIT: Final = 0.002
 
 _RETRIEVAL: Final = ReplyKind.RETRIEVAL
@@ -62,9 +58,9 @@ _RECEIVE_BUFFER: Final = 1 << 20
 
 
 class DatagramLostError(TimeoutError):
-    """No UDP reply before the straggler window closed, and no time was left to ask over
-    TCP. Says nothing about the server (the datagram may be lost), so it is not counted
-    against the server's health."""
+    """No UDP reply before the read was cut off (the other copies had answered
+    conclusively), and no time was left to ask over TCP. Says nothing about the server
+    (the datagram may be lost), so it is not counted against the server's health."""
 
 
 # -- sockets ---------------------------------------------------------------------------
@@ -205,131 +201,13 @@ class UdpPool:
         self.clear()
 
 
-# -- one read over UDP, retried over TCP -----------------------------------------------
-
-
-class UdpExchange(_Exchange):
-    """One get, sent over UDP, that moves to a TCP connection of the same server's pool
-    when its reply is lost, late, truncated or malformed (fanout re-polls it then).
-
-    While on UDP, ``deadline`` is the end of the UDP wait, counted from the send and
-    pushed back by each datagram that arrives; on TCP it is the server's own deadline.
-    """
-
-    __slots__ = ("frames", "header", "tcp_deadline", "udp", "udp_wait", "via_udp")
-
-    def __init__(
-        self,
-        index: int,
-        pool: ServerPool,
-        command: Command,
-        deadline: float,
-        *,
-        udp: UdpPool,
-        udp_wait: float,
-    ) -> None:
-        # Not _Exchange.__init__: it would open a TCP connection this read may not need.
-        conn = udp.acquire()
-        self.index = index
-        self.pool = pool
-        self.command = command
-        self.conn = conn
-        # A single-datagram reply starts with the very header of its request.
-        self.header = HEADER.pack(conn.take_id(), 0, 1, 0)
-        self.out = self.header + command.data
-        self.received = False
-        self.frames: Reassembly | None = None  # built only for a multi-datagram reply
-        self.udp = udp
-        self.udp_wait = udp_wait
-        self.via_udp = True
-        self.tcp_deadline = self.deadline = deadline  # until the datagram is sent
-
-    def send(self) -> Result | _Again | None:
-        if not self.via_udp:
-            return super().send()
-        try:
-            self.conn.sock.send(self.out)  # a datagram goes out whole or not at all
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            return self._over_tcp(exc)
-        self.out = b""
-        # The wait starts once the datagram is out: a thread that lost the GIL between
-        # building this exchange and sending must not take its own delay for a loss.
-        self.deadline = min(self.tcp_deadline, monotonic() + self.udp_wait)
-        return None
-
-    def receive(self) -> Result | _Again | None:
-        if not self.via_udp:
-            return super().receive()
-        recv = self.conn.sock.recv
-        while True:
-            try:
-                datagram = recv(_RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                return self._over_tcp(exc)
-            if self.frames is None and datagram[:_HEADER_SIZE] == self.header:
-                return self._finish(datagram[_HEADER_SIZE:])
-            if self.frames is None:
-                self.frames = Reassembly(HEADER.unpack_from(self.header)[0])
-            if self.frames.add(datagram):
-                return self._finish(self.frames.payload())
-        if self.frames is not None and self.frames.total:
-            # Datagrams are arriving: the wait restarts from the latest one.
-            self.deadline = min(self.tcp_deadline, monotonic() + self.udp_wait)
-        return None
-
-    def expire(self, straggler: bool) -> Result | _Again:
-        if not self.via_udp:
-            return super().expire(straggler)
-        if not straggler:
-            return self._over_tcp(f"no complete reply within {self.udp_wait * 1000:g} ms")
-        self.udp.record_loss("no reply within the straggler window")
-        message = "no UDP reply within the straggler window after the other copies answered"
-        return self.fail(DatagramLostError(self._msg(message), straggler=True))
-
-    def _finish(self, payload: bytes) -> Result | _Again:
-        try:
-            # The socket's own parser: after a whole reply it is as fresh as a new one,
-            # and after an error the socket and the parser are dropped together.
-            reply = parse_reply(self.command, payload, self.conn.protocol)
-        except ProtocolError as exc:
-            return self._over_tcp(str(exc))
-        if isinstance(reply, ErrorReply):  # e.g. out of memory for the UDP reply: ask TCP
-            return self._over_tcp(f"{reply.kind} {reply.message}")
-        self.udp.replied(self.conn)
-        return reply
-
-    def _over_tcp(self, cause: OSError | str) -> Result | _Again:
-        """Drop the UDP socket (a late datagram then has nowhere to land) and send the
-        command over a TCP connection of the same server, under the server's deadline."""
-        self.conn.close()
-        refused = isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED
-        if isinstance(cause, OSError):
-            cause = "nothing listens on the UDP port (refused)" if refused else f"UDP: {cause}"
-        log.debug("memcached %s: read retried over TCP: %s", self.pool.spec.name, cause)
-        self.udp.record_loss(cause, refused=refused)
-        self.via_udp = False
-        self.deadline = self.tcp_deadline
-        try:
-            self.conn = self.pool.acquire()
-        except ConnectError as exc:
-            return exc
-        self.out = self.conn.protocol.send(self.command)
-        self.received = False
-        return _AGAIN
-
-
 class UdpRoutes:
-    """fanout's exchange factory for a cluster with UDP: a get to a server with a UDP
-    pool goes over UDP (while UDP works there), everything else over its stream pool.
+    """Which reads fanout sends over UDP: a get to a server with a UDP pool (while UDP
+    works there); everything else goes over the server's stream pool.
 
-    ``udp_wait``: seconds without a datagram before a read is retried over TCP; by
-    default 2 ms, or half of ``straggler_window`` if that is shorter, so that a read
-    whose datagram was lost still has half the window to be answered over TCP after
-    the other copies have answered (a TCP retry cut short counts against the server).
+    ``udp_wait``: seconds without a datagram before a read is retried over TCP (default
+    2 ms, or half of ``straggler_window`` when one is given and shorter, so that a read
+    whose datagram was lost still has half the window to be answered over TCP).
     """
 
     __slots__ = ("_routes", "udp_wait")
@@ -338,20 +216,20 @@ class UdpRoutes:
         self,
         routes: Mapping[ServerPool, UdpPool],
         *,
-        straggler_window: float = DEFAULT_STRAGGLER_WINDOW,
+        straggler_window: float | None = None,
         udp_wait: float | None = None,
     ) -> None:
         if udp_wait is None:
             # A window of 0 cuts every copy but the first anyway: keep the default then.
-            udp_wait = min(DEFAULT_UDP_WAIT, straggler_window / 2 or DEFAULT_UDP_WAIT)
+            half = (straggler_window or 0) / 2
+            udp_wait = min(DEFAULT_UDP_WAIT, half or DEFAULT_UDP_WAIT)
         if udp_wait <= 0:
             raise ValueError(f"udp_wait must be > 0 seconds, got {udp_wait}")
         self._routes = dict(routes)
         self.udp_wait = udp_wait
 
-    def __call__(
-        self, index: int, pool: ServerPool, command: Command, deadline: float
-    ) -> _Exchange:
+    def route(self, pool: ServerPool, command: Command) -> UdpPool | None:
+        """The UDP pool to send ``command`` through, or None for the stream pool."""
         udp = self._routes.get(pool)
         if (
             udp is None
@@ -359,9 +237,5 @@ class UdpRoutes:
             or len(command.data) > MAX_DATAGRAM - _HEADER_SIZE
             or not (udp.state.on or udp.usable())
         ):
-            return _Exchange(index, pool, command, deadline)
-        try:
-            return UdpExchange(index, pool, command, deadline, udp=udp, udp_wait=self.udp_wait)
-        except OSError as exc:  # no socket to be had (EMFILE...): this read goes over TCP
-            log.warning("memcached %s: no UDP socket, read over TCP: %s", pool.spec.name, exc)
-            return _Exchange(index, pool, command, deadline)
+            return None
+        return udp

@@ -10,13 +10,14 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from memsess.errors import ProtocolError
-from memsess.protocol import ClientProtocol, Command, NeedData, Reply, Values
+from memsess.protocol import ClientProtocol, Command, ErrorReply, NeedData, Reply, Values
 
 __all__ = [
     "DEFAULT_LOSS_THRESHOLD",
     "HEADER",
     "MAX_DATAGRAM",
     "Reassembly",
+    "UdpRead",
     "UdpState",
     "parse_reply",
     "udp_after_loss",
@@ -111,6 +112,61 @@ def parse_reply(command: Command, payload: bytes, protocol: ClientProtocol | Non
             if item.key not in asked:
                 raise ProtocolError("UDP reply holds an item under a key that was not asked for")
     return reply
+
+
+class UdpRead:
+    """The UDP half of one get as a sans-I/O state machine: the datagram to send, the
+    reassembly of its reply, and when to give up on UDP (then the read goes over TCP).
+
+    ``deadline`` is the end of the UDP wait: ``udp_wait`` seconds after the send, pushed
+    back by each datagram that arrives, never past ``tcp_deadline`` (the server's own).
+    """
+
+    __slots__ = ("command", "datagram", "deadline", "frames", "header", "protocol", "udp_wait")
+
+    def __init__(
+        self, command: Command, request_id: int, protocol: ClientProtocol, udp_wait: float
+    ) -> None:
+        self.command = command
+        self.protocol = protocol
+        # A single-datagram reply starts with the very header of its request.
+        self.header = HEADER.pack(request_id, 0, 1, 0)
+        self.datagram = self.header + command.data
+        self.frames: Reassembly | None = None  # built only for a multi-datagram reply
+        self.udp_wait = udp_wait
+        self.deadline = float("inf")
+
+    def sent(self, now: float, tcp_deadline: float) -> None:
+        """The datagram went out at ``now``: the wait starts then, not when the read was
+        built (a thread that lost the GIL meanwhile must not take its delay for a loss)."""
+        self.deadline = min(tcp_deadline, now + self.udp_wait)
+
+    def datagram_received(self, datagram: bytes) -> Reply | str | None:
+        """The reply once complete; a reason (str) to go over TCP instead; else None."""
+        frames = self.frames
+        if frames is None:
+            if datagram[:_HEADER_SIZE] == self.header:
+                return self._finish(datagram[_HEADER_SIZE:])
+            frames = self.frames = Reassembly(HEADER.unpack_from(self.header)[0])
+        if frames.add(datagram):
+            return self._finish(frames.payload())
+        return None
+
+    def progressed(self, now: float, tcp_deadline: float) -> None:
+        """After a batch of datagrams: while a reply is arriving the wait restarts."""
+        if self.frames is not None and self.frames.total:
+            self.deadline = min(tcp_deadline, now + self.udp_wait)
+
+    def _finish(self, payload: bytes) -> Reply | str:
+        try:
+            # The socket's own parser: after a whole reply it is as fresh as a new one,
+            # and after an error the socket and the parser are dropped together.
+            reply = parse_reply(self.command, payload, self.protocol)
+        except ProtocolError as exc:
+            return str(exc)
+        if isinstance(reply, ErrorReply):  # e.g. out of memory for the UDP reply: ask TCP
+            return f"{reply.kind} {reply.message}"
+        return reply
 
 
 # -- whether UDP works to a server -----------------------------------------------------

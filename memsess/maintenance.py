@@ -1,0 +1,142 @@
+"""The store's background thread: probes servers marked down, and repairs the copies
+that writes could not store (hinted handoff), so no request ever pays for either.
+
+A down server is probed once its retry interval has passed by writing its marker (the
+version below which its copies may predate a write it missed, see memsess.plans); only
+then is it marked up, so no request of this process reads it before its marker is there.
+The thread starts when there is work and ends after a second without any.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from time import monotonic
+from typing import Any, Final
+
+from memsess._forksafe import renew_locks_after_fork
+from memsess.cluster import Cluster
+from memsess.errors import MemsessError
+from memsess.plans import Flow, Plans
+from memsess.protocol import Status
+
+__all__ = ["MAX_HINTS", "Maintenance"]
+
+log = logging.getLogger("memsess.store")
+
+#: Sessions remembered for repair at most; past this the oldest hints are dropped
+#: (reads still repair those copies when they find them).
+MAX_HINTS: Final = 10_000
+_IDLE_EXIT: Final = 1.0  # seconds without work before the thread ends
+_HINTS_PER_ROUND: Final = 64  # repairs between two looks at the down servers
+
+
+class Maintenance:
+    """Probes and repairs for one store, on one lazily started daemon thread."""
+
+    def __init__(self, cluster: Cluster, plans: Plans, run: Callable[[Flow[Any]], Any]) -> None:
+        self._cluster = cluster
+        self._plans = plans
+        self._run = run
+        self._hints: OrderedDict[bytes, set[int]] = OrderedDict()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        renew_locks_after_fork(self, "_cond", factory=threading.Condition)
+
+    def hint(self, key: bytes, servers: list[int]) -> None:
+        """The write of ``key`` could not store its copy on ``servers``."""
+        with self._cond:
+            missing = self._hints.pop(key, set())
+            missing.update(servers)
+            self._hints[key] = missing
+            while len(self._hints) > MAX_HINTS:
+                self._hints.popitem(last=False)
+            self._ensure_running()
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """A server is down: make sure the thread runs, and looks again at when to probe."""
+        with self._cond:
+            self._ensure_running()
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the thread (work arriving later starts it again)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def pending(self) -> int:
+        """Sessions waiting for a repair."""
+        return len(self._hints)
+
+    def _ensure_running(self) -> None:
+        # Under self._cond. A thread of the parent does not exist in a forked child:
+        # is_alive() is then False, and the child starts its own. A store stays usable
+        # after close(): new work starts a new thread.
+        self._closed = False
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._loop, name="memsess-maintenance", daemon=True
+            )
+            self._thread.start()
+
+    def _loop(self) -> None:
+        idle_since = monotonic()
+        while True:
+            worked = self._probe_due() + self._repair_some()
+            now = monotonic()
+            if worked:
+                idle_since = now
+            next_probe = self._cluster.next_probe_at()
+            with self._cond:
+                if self._closed:
+                    return
+                if self._ready_hints():
+                    continue
+                if next_probe is None and now - idle_since >= _IDLE_EXIT:
+                    self._thread = None
+                    return
+                wake_at = idle_since + _IDLE_EXIT if next_probe is None else next_probe
+                self._cond.wait(max(0.0, min(wake_at - now, _IDLE_EXIT)))
+
+    def _probe_due(self) -> int:
+        due = self._cluster.claim_due_probes(monotonic())
+        for index in due:
+            self._probe(index)
+        return len(due)
+
+    def _probe(self, index: int) -> None:
+        cluster = self._cluster
+        version = cluster.clock.tick()
+        try:
+            result = self._run(self._plans.mark(index, version))
+        except MemsessError as exc:  # pragma: no cover - the plan returns its errors
+            result = exc
+        if result is Status.STORED:
+            cluster.raise_trust_floor(index, version)
+        elif not isinstance(result, MemsessError):
+            result = MemsessError(f"marker not stored: {result}")
+        cluster.record(index, result)
+
+    def _ready_hints(self) -> list[bytes]:
+        # Under self._cond: hints whose servers are all asked by requests again.
+        usable = {i for i, status in enumerate(self._cluster.status()) if status.state == "up"}
+        ready = [key for key, servers in self._hints.items() if servers <= usable]
+        return ready[:_HINTS_PER_ROUND]
+
+    def _repair_some(self) -> int:
+        with self._cond:
+            ready = self._ready_hints()
+            for key in ready:
+                del self._hints[key]
+        for key in ready:
+            try:
+                self._run(self._plans.read(key, patient=True))  # repairs what lags
+            except MemsessError as exc:
+                log.debug("repair of %d copies deferred: %s", len(ready), exc)
+        return len(ready)

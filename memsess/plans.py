@@ -1,0 +1,411 @@
+"""What each operation asks the servers, and when what they answered is conclusive.
+
+Sans-I/O (httpx's ``auth_flow`` way): a plan is a generator that yields :class:`Step`
+values — a batch of ``(server, command)`` and the :class:`~memsess.transport.WaitRule`
+that sees each reply as it arrives — and receives the results. The blocking driver
+(:meth:`SessionStore._run`) and an asyncio driver run the same plans.
+
+The read rule (docs/consistency.md states it as a guarantee): a read may end before every
+live copy has answered only once a *trusted* copy is in — a record whose version is at or
+above its server's trust floor, i.e. written after the last moment that server may have
+missed a write, as this process saw it (:attr:`Cluster.trust_floor`) or as any process
+recorded it on the server itself (the *marker* item, read in the same ``gets``). A miss,
+a corrupt copy or an older copy decides nothing while another live copy is silent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from memsess import protocol
+from memsess.cluster import Cluster
+from memsess.errors import MemsessError, NoServerAvailableError, SessionGoneError
+from memsess.metrics import Metrics
+from memsess.protocol import Command, ErrorReply, Item, Status, Values
+from memsess.records import FLAGS, Record, decode_record
+from memsess.transport import Result, WaitRule
+
+__all__ = ["MARKER_SUFFIX", "Copy", "Found", "Plans", "ReadRule", "Step", "WriteRule"]
+
+log = logging.getLogger("memsess.store")
+
+T = TypeVar("T")
+_INF: Final = float("inf")
+#: The marker key on every server is the store's key prefix plus this. Its value is the
+#: decimal version below which copies on that server may predate a write it missed.
+MARKER_SUFFIX: Final = b"missed-writes"
+# A marker that is not a plain number is read as "trust nothing older than anything".
+_UNTRUSTED: Final = 2**64
+_CONFLICT_ROUNDS: Final = 3  # cas retries of one save against concurrent writers
+_CONFLICTS: Final = frozenset({Status.EXISTS, Status.NOT_STORED, Status.NOT_FOUND})
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One batch to run at once, and the rule saying when it has heard enough."""
+
+    batch: list[tuple[int, Command]]
+    rule: WaitRule
+    record: bool = True  # update the servers' health from the outcomes
+
+
+Flow = Generator[Step, list[Result], T]
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """One server's answer to a read of one session."""
+
+    record: Record | None  # None: no item, or an item that is not an intact record
+    raw: bytes
+    cas: int | None  # the item's cas unique, for a guarded repair
+    problem: str  # why an item there is unreadable; "" otherwise
+    trusted: bool  # may decide the read alone (see the module docstring)
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What a read concluded: the newest record, and each answering server's cas token."""
+
+    record: Record
+    tokens: dict[int, int | None]
+
+
+class _Rule:
+    """Shared by the rules: which slots are still waiting, and their straggler window."""
+
+    __slots__ = ("_cluster", "_cut_at", "_open", "_pending", "_servers")
+
+    def __init__(self, cluster: Cluster, servers: list[int]) -> None:
+        self._cluster = cluster
+        self._servers = servers
+        self._open = [True] * len(servers)
+        self._pending = len(servers)
+        self._cut_at = _INF
+
+    def _close(self, slot: int) -> None:
+        self._open[slot] = False
+        self._pending -= 1
+
+    def _start_window(self, now: float, *, write: bool) -> None:
+        window = self._cluster.window
+        servers = self._servers
+        longest = max(
+            window(servers[slot], write=write) for slot, left in enumerate(self._open) if left
+        )
+        self._cut_at = now + longest
+
+
+class ReadRule(_Rule):
+    """Reads: conclusive once a trusted copy is in (then the rest get their straggler
+    window), else only when every live copy has answered or failed."""
+
+    __slots__ = ("_key", "_marker", "_patient", "copies")
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        servers: list[int],
+        key: bytes,
+        marker: bytes,
+        *,
+        patient: bool = False,
+    ) -> None:
+        """``patient``: never end early (a repair pass wants every copy's answer)."""
+        super().__init__(cluster, servers)
+        self._key = key
+        self._marker = marker
+        self._patient = patient
+        self.copies: list[Copy | None] = [None] * len(servers)
+
+    def on_result(self, slot: int, result: Result, now: float) -> float:
+        self._close(slot)
+        if isinstance(result, Values):
+            copy = self.copies[slot] = self._copy(self._servers[slot], result.items)
+            if copy.trusted and self._pending and self._cut_at == _INF and not self._patient:
+                self._start_window(now, write=False)
+        return self._cut_at
+
+    def _copy(self, server: int, items: tuple[Item, ...]) -> Copy:
+        floor = self._cluster.trust_floor[server]
+        found = None
+        for item in items:
+            if item.key == self._key:
+                found = item
+            else:  # the marker: the protocol parser admits only keys that were asked for
+                value = item.value
+                marked = int(value) if value.isdigit() and len(value) <= 20 else _UNTRUSTED
+                floor = max(floor, marked)
+        if found is None:
+            return Copy(None, b"", None, "", trusted=False)
+        try:
+            record = decode_record(found.value, found.flags)
+        except ValueError as exc:
+            return Copy(None, found.value, found.cas, str(exc) or "unreadable", trusted=False)
+        return Copy(record, found.value, found.cas, "", trusted=record.version >= floor)
+
+
+class WriteRule(_Rule):
+    """Writes: once one copy has answered, the others get their (longer) write window;
+    a copy cut off is not stored, and the plan reports it for repair."""
+
+    __slots__ = ()
+
+    def on_result(self, slot: int, result: Result, now: float) -> float:
+        self._close(slot)
+        if self._pending and self._cut_at == _INF and not isinstance(result, MemsessError):
+            self._start_window(now, write=True)
+        return self._cut_at
+
+
+class AllAnswers(_Rule):
+    """Wait for every server until its own deadline (probes, conflict reads)."""
+
+    __slots__ = ()
+
+    def on_result(self, slot: int, result: Result, now: float) -> float:
+        return _INF
+
+
+def guarded_write(key: bytes, raw: bytes, token: int | None, exptime: int) -> Command:
+    """cas/add, never set: a write that lands between our read and this one is newer
+    than what we read and must not be overwritten."""
+    if token is None:
+        return protocol.add(key, raw, flags=FLAGS, exptime=exptime)
+    return protocol.cas(key, raw, token, flags=FLAGS, exptime=exptime)
+
+
+class Plans:
+    """The plans of one store. ``exptime(ttl)`` turns seconds into memcached's exptime;
+    ``missed(key, servers)`` is told of copies a write could not store (for repair),
+    ``degraded()`` of a request that found a server of its replica set down."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        metrics: Metrics,
+        *,
+        key_prefix: bytes,
+        exptime: Callable[[int | None], int],
+        missed: Callable[[bytes, list[int]], None],
+        degraded: Callable[[], None],
+    ) -> None:
+        self.cluster = cluster
+        self.metrics = metrics
+        self.marker = protocol.check_key(key_prefix + MARKER_SUFFIX)
+        self._exptime = exptime
+        self._missed = missed
+        self._degraded = degraded
+
+    def targets(self, key: bytes) -> list[int]:
+        targets = self.cluster.targets(key.decode("ascii"))
+        if len(targets) < self.cluster.redundancy:
+            self.metrics.add("failovers")
+            self._degraded()
+        return targets
+
+    # -- reads ------------------------------------------------------------------------
+
+    def read(self, key: bytes, *, patient: bool = False) -> Flow[Found | None]:
+        """The newest record of ``key`` (None: no copy holds one); copies found missing,
+        corrupt or older are repaired (cas/add) before it returns. ``patient``: wait for
+        every live copy, never ending early (a repair pass)."""
+        targets = self.targets(key)
+        rule = ReadRule(self.cluster, targets, key, self.marker, patient=patient)
+        command = protocol.get(key, self.marker, cas=True)
+        if self.cluster.has_udp:
+            # memcached 1.6 sends each key of a multi-key get over UDP as a message of
+            # its own (both "1 of 1"): UDP reads ask for the session alone, and rely on
+            # what this process saw of the server (docs/consistency.md).
+            single = protocol.get(key, cas=True)
+            udp = self.cluster.udp_pools
+            batch = [(i, command if udp[i] is None else single) for i in targets]
+        else:
+            batch = [(index, command) for index in targets]
+        results = yield Step(batch, rule)
+        copies = {i: c for i, c in zip(targets, rule.copies, strict=True) if c is not None}
+        if not copies:
+            raise NoServerAvailableError(
+                "no copy of this session could be read: "
+                + "; ".join(str(result) for result in results)
+            )
+        self._log_unreadable(key, targets, results, copies)
+        newest = max(
+            (copy for copy in copies.values() if copy.record is not None),
+            key=lambda copy: copy.record.version,  # type: ignore[union-attr]
+            default=None,
+        )
+        if newest is None or newest.record is None:
+            return None
+        record = newest.record
+        self.cluster.clock.observe(record.version)
+        lagging = {  # server index -> why its copy is rewritten
+            index: "missing" if not copy.raw else "corrupt" if copy.record is None else "stale"
+            for index, copy in copies.items()
+            if copy.record is None or copy.record.version < record.version
+        }
+        if lagging:
+            yield from self._repair(key, newest, lagging, copies)
+        return Found(record, {index: copy.cas for index, copy in copies.items()})
+
+    def _repair(
+        self, key: bytes, newest: Copy, lagging: dict[int, str], copies: dict[int, Copy]
+    ) -> Flow[None]:
+        servers = self.cluster.servers
+        log.info(
+            "repairing %s: %s",
+            short(key),
+            ", ".join(f"{why} on memcached {servers[i].name}" for i, why in lagging.items()),
+        )
+        self.metrics.add("repairs", len(lagging))
+        assert newest.record is not None
+        exptime = self._exptime(newest.record.ttl or None)  # 0: a format 1 record
+        batch = [(i, guarded_write(key, newest.raw, copies[i].cas, exptime)) for i in lagging]
+        yield Step(batch, WriteRule(self.cluster, list(lagging)))
+
+    def _log_unreadable(
+        self, key: bytes, targets: list[int], results: list[Result], copies: dict[int, Copy]
+    ) -> None:
+        servers = self.cluster.servers
+        for index, result in zip(targets, results, strict=True):
+            if isinstance(result, ErrorReply):
+                log.warning("memcached %s: %s %s", servers[index].name, result.kind, result.message)
+            copy = copies.get(index)
+            if copy is not None and copy.problem:
+                self.metrics.add("corrupt_records")
+                log.warning(
+                    "corrupt record for %s on memcached %s, read as no session: %s",
+                    short(key),
+                    servers[index].name,
+                    copy.problem,
+                )
+
+    # -- writes -----------------------------------------------------------------------
+
+    def write(self, key: bytes, command: Command) -> Flow[list[Result]]:
+        """``command`` (a set, a touch) to every live copy; returns each server's result."""
+        targets = self.targets(key)
+        results = yield Step([(i, command) for i in targets], WriteRule(self.cluster, targets))
+        self._note_missed(key, targets, results, ok=_STORED_OR_TOUCHED)
+        return results
+
+    def save(
+        self,
+        key: bytes,
+        record: bytes,
+        version: int,
+        exptime: int,
+        *,
+        since: tuple[int, dict[int, int | None]] | None = None,
+    ) -> Flow[list[Result]]:
+        """Store ``record`` (of ``version``) on every live copy. With ``since`` (the
+        version and cas tokens the session was loaded with) each copy is written only
+        if unchanged since (cas/add): a copy changed meanwhile is read again, a newer
+        logout found there wins (SessionGoneError), anything else older is overwritten."""
+        if since is None:
+            return (
+                yield from self.write(key, protocol.set(key, record, flags=FLAGS, exptime=exptime))
+            )
+        loaded_version, tokens = since
+        targets = self.targets(key)
+        batch = [(i, guarded_write(key, record, tokens.get(i), exptime)) for i in targets]
+        results = yield Step(batch, WriteRule(self.cluster, targets))
+        outcome = dict(zip(targets, results, strict=True))
+        for _ in range(_CONFLICT_ROUNDS):
+            conflicts = [i for i, result in outcome.items() if result in _CONFLICTS]
+            if not conflicts:
+                break
+            rewritten = yield from self._resolve(
+                key, record, version, exptime=exptime, loaded=loaded_version, conflicts=conflicts
+            )
+            outcome.update(rewritten)
+        final = [outcome[i] for i in targets]
+        self._note_missed(key, targets, final, ok=_STORED)
+        return final
+
+    def _resolve(
+        self,
+        key: bytes,
+        record: bytes,
+        version: int,
+        *,
+        exptime: int,
+        loaded: int,
+        conflicts: list[int],
+    ) -> Generator[Step, list[Result], dict[int, Result]]:
+        """Copies that changed since the load: read them again with ``gets`` and write
+        with ``cas`` on what was just read, so a logout landing in between still wins."""
+        command = protocol.get(key, cas=True)
+        rule = ReadRule(self.cluster, conflicts, key, self.marker)
+        yield Step([(i, command) for i in conflicts], rule)
+        logged_out = [
+            copy
+            for copy in rule.copies
+            if copy is not None
+            and copy.record is not None
+            and copy.record.is_tombstone
+            and copy.record.version > loaded
+        ]
+        if logged_out:
+            raise SessionGoneError("the session was logged out since it was loaded; not saved")
+        outcome: dict[int, Result] = {}
+        batch = []
+        for index, copy in zip(conflicts, rule.copies, strict=True):
+            if copy is None:
+                continue  # unreadable now: left as it was, repaired by a later read
+            if copy.record is not None and copy.record.version > version:
+                outcome[index] = Status.STORED  # superseded by a newer save: it stands
+                continue
+            batch.append((index, guarded_write(key, record, copy.cas, exptime)))
+        if batch:
+            results = yield Step(batch, WriteRule(self.cluster, [i for i, _ in batch]))
+            outcome.update(zip((i for i, _ in batch), results, strict=True))
+        return outcome
+
+    def _note_missed(
+        self, key: bytes, targets: list[int], results: list[Result], *, ok: frozenset[object]
+    ) -> None:
+        members = self.cluster.replica_set(key.decode("ascii"))
+        done = {i for i, result in zip(targets, results, strict=True) if result in ok}
+        missed = [i for i in members if i not in done]
+        if missed and done:
+            self._missed(key, missed)
+
+    # -- markers ----------------------------------------------------------------------
+
+    def mark(self, index: int, version: int) -> Flow[Result]:
+        """Record on server ``index`` that copies older than ``version`` may predate a
+        write it missed (raise its marker, never lower it). Returns the last outcome."""
+        marker = self.marker
+        result: Result = Status.NOT_STORED
+        for _ in range(_CONFLICT_ROUNDS):
+            (result,) = yield Step(
+                [(index, protocol.get(marker, cas=True))], AllAnswers(self.cluster, [index]), False
+            )
+            if not isinstance(result, Values):
+                return result
+            current = result.items[0] if result.items else None
+            if current is not None and current.value.isdigit() and int(current.value) >= version:
+                return Status.STORED
+            value = b"%d" % version
+            command = (
+                protocol.add(marker, value)
+                if current is None
+                else protocol.cas(marker, value, current.cas or 0)
+            )
+            (result,) = yield Step([(index, command)], AllAnswers(self.cluster, [index]), False)
+            if result is Status.STORED or isinstance(result, MemsessError):
+                return result
+        return result
+
+
+_STORED: Final = frozenset({Status.STORED})
+_STORED_OR_TOUCHED: Final = frozenset({Status.STORED, Status.TOUCHED})
+
+
+def short(key: bytes) -> str:
+    """A session named in logs: a few digest characters, never its id."""
+    return key[-40:-32].decode("ascii", "replace") + "…"
