@@ -6,9 +6,11 @@ pinning never touch the next):
 - ``steady``: pytest-benchmark, bench/test_steady.py (memsess against
   pymemcache and the raw-socket floor, 3 sizes, redundancy 1-3);
 - ``report``: the goal ratios of issue 5 with PASS / MISS (bench/report.py);
+- ``versus``: CPU per load and per save, the working tree's memsess against
+  another git revision's, the two taking turns (bench/versus.py);
 - ``threads``: 1, 4 and 16 threads sharing one store (bench/threads.py);
-- ``failover``: latency timelines through a hang, a kill and a restart, and
-  docs/failover.png (bench/failover.py);
+- ``failover``: latency and wrong answers through short stalls, a hang, a
+  kill and a restart, and docs/failover.png (bench/failover.py);
 - ``hotpaths``: where load and save spend their time, layer by layer, and a
   profile (bench/hotpaths.py);
 - ``udp``: bench/bench_udp.py, when it exists.
@@ -31,7 +33,7 @@ from pathlib import Path
 from bench.cpus import PIN_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("steady", "report", "threads", "failover", "hotpaths", "udp")
+PARTS = ("steady", "report", "versus", "threads", "failover", "hotpaths", "udp")
 
 
 def _steady(smoke: bool) -> list[str]:

@@ -72,6 +72,7 @@ class Goal:
     higher_is_better: bool
     unit: str  # "x" for a ratio, "us", "ms"
     detail: str
+    digits: int = 2  # decimals shown
 
     @property
     def verdict(self) -> str:
@@ -80,11 +81,22 @@ class Goal:
         met = self.value >= self.target if self.higher_is_better else self.value <= self.target
         return "PASS" if met else "MISS"
 
+    @property
+    def shown(self) -> str:
+        return "-" if self.value is None else f"{self.value:.{self.digits}f}{self.unit}"
+
+    @property
+    def target_shown(self) -> str:
+        return f"{'>=' if self.higher_is_better else '<='} {self.target:g}{self.unit}"
+
     def row(self) -> str:
-        sign = ">=" if self.higher_is_better else "<="
-        shown = "-" if self.value is None else f"{self.value:.2f}{self.unit}"
-        target = f"{sign} {self.target:g}{self.unit}"
-        return f"| {self.name} | {shown} | {target} | {self.verdict} | {self.detail} |"
+        return (
+            f"| {self.name} | {self.shown} | {self.target_shown} | {self.verdict} | {self.detail} |"
+        )
+
+    def brief(self) -> str:
+        """The goal in a few words, for a one-line check: ``p99 3.10 ms (<= 5 ms: PASS)``."""
+        return f"{self.name} {self.shown} ({self.target_shown}: {self.verdict})"
 
 
 def _key(name: str) -> bytes:
