@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import time
 
 import pytest
 from hypothesis import given
@@ -13,14 +15,20 @@ from memsess.protocol import check_key
 from memsess.records import (
     DATA,
     FLAGS,
+    MAX_CLOCK_SKEW,
     TOMBSTONE,
     VersionClock,
     decode_record,
     encode_record,
     is_valid_id,
+    lifetime_seconds,
     new_id,
     storage_key,
 )
+
+NOW_US = 1_750_000_000 * 10**6  # a fixed wall clock for decode_record(now_us=...)
+SKEW_US = MAX_CLOCK_SKEW * 10**6
+YEAR_US = 365 * 86400 * 10**6
 
 HOSTILE_IDS = [
     "",
@@ -67,9 +75,11 @@ def test_storage_key_is_prefix_plus_digest_never_the_id() -> None:
     assert storage_key(b"memsess:", new_id()) != key
 
 
-@given(st.integers(0, 2**64 - 1), st.sampled_from([DATA, TOMBSTONE]), st.binary(max_size=300))
+@given(
+    st.integers(1, NOW_US + SKEW_US), st.sampled_from([DATA, TOMBSTONE]), st.binary(max_size=300)
+)
 def test_records_round_trip(version: int, kind: int, payload: bytes) -> None:
-    record = decode_record(encode_record(version, kind, 1, payload), FLAGS)
+    record = decode_record(encode_record(version, kind, 1, payload), FLAGS, now_us=NOW_US)
     assert (record.version, record.kind, record.serializer_id, record.payload) == (
         version,
         kind,
@@ -108,6 +118,75 @@ def test_clock_ticks_strictly_increase_and_pass_observed_versions() -> None:
     clock = VersionClock()
     first = clock.tick()
     assert clock.tick() > first
-    future = first + 10**12  # a version written by a machine whose clock runs ahead
+    future = first + 10**9  # a version written by a machine whose clock runs minutes ahead
     clock.observe(future)
     assert clock.tick() > future
+
+
+@pytest.mark.parametrize(
+    "version",
+    [0, NOW_US + SKEW_US + 1, NOW_US + 30 * YEAR_US, 2**64 - 1],
+    ids=["zero", "just-past-the-skew", "decades-ahead", "uint64-max"],
+)
+def test_impossible_versions_are_corrupt_records(version: int) -> None:
+    raw = encode_record(version, DATA, 1, b"payload")
+    with pytest.raises(ValueError, match="impossible version"):
+        decode_record(raw, FLAGS, now_us=NOW_US)
+
+
+def test_versions_up_to_the_allowed_clock_skew_ahead_are_accepted() -> None:
+    for version in (1, NOW_US, NOW_US + SKEW_US):
+        assert decode_record(encode_record(version, DATA, 1), FLAGS, now_us=NOW_US).version == (
+            version
+        )
+
+
+def test_decode_record_bounds_versions_by_the_wall_clock_by_default() -> None:
+    with pytest.raises(ValueError, match="impossible version"):
+        decode_record(encode_record(2**64 - 1, DATA, 1), FLAGS)
+    an_hour_ahead = time.time_ns() // 1000 + 3600 * 10**6  # a peer with a broken NTP
+    assert decode_record(encode_record(an_hour_ahead, DATA, 1), FLAGS).version == an_hour_ahead
+
+
+@pytest.mark.parametrize("hostile", [2**64 - 1, 2**80, 30 * YEAR_US])
+def test_clock_ignores_versions_past_the_skew_so_every_later_write_still_encodes(
+    hostile: int,
+) -> None:
+    clock = VersionClock()
+    clock.observe(clock.tick() + hostile)
+    version = clock.tick()
+    assert version <= time.time_ns() // 1000 + 10**6  # still today, not decades ahead
+    assert decode_record(encode_record(version, DATA, 1), FLAGS).version == version
+
+
+@pytest.mark.parametrize(
+    ("ttl", "seconds"),
+    [(1, 1), (1440, 1440), (0.5, 1), (1e-9, 1), (2.0, 2), (2.1, 3), (86400.000001, 86401)],
+)
+def test_lifetime_seconds_rounds_up_to_whole_seconds(ttl: float, seconds: int) -> None:
+    result = lifetime_seconds(ttl)
+    assert (result, type(result)) == (seconds, int)
+
+
+@pytest.mark.parametrize(
+    ("ttl", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (0.0, ValueError),
+        (-0.5, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (-math.inf, ValueError),
+        (True, TypeError),
+        (False, TypeError),
+        ("60", TypeError),
+        (None, TypeError),
+        (b"60", TypeError),
+    ],
+)
+def test_lifetime_seconds_refuses_what_is_not_a_positive_finite_number(
+    ttl: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="max_age"):
+        lifetime_seconds(ttl, name="max_age")
