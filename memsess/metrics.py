@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
+from memsess._forksafe import renew_locks_after_fork
+
 __all__ = ["COUNTERS", "Metrics", "register_prometheus"]
 
 #: Every counter, with what it counts (also the Prometheus help text).
@@ -27,13 +29,15 @@ COUNTERS: Final[Mapping[str, str]] = {
 
 
 class Metrics:
-    """Thread-safe monotonic counters, named as in :data:`COUNTERS`."""
+    """Monotonic counters, named as in :data:`COUNTERS`; safe to share between
+    threads and across a fork (a child starts from the parent's counts)."""
 
-    __slots__ = ("_lock", "_values")
+    __slots__ = ("__weakref__", "_lock", "_values")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values = dict.fromkeys(COUNTERS, 0)
+        renew_locks_after_fork(self, "_lock")
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:

@@ -1,0 +1,126 @@
+"""A fork while another thread holds a lock (gunicorn --preload, uWSGI, multiprocessing)
+must not leave the child waiting forever on the lock only that thread could release."""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+
+import pytest
+
+from memsess._forksafe import _RENEWALS, renew_locks_after_fork
+from memsess.metrics import Metrics
+from memsess.records import DATA, FLAGS, VersionClock, decode_record, encode_record
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+# Far above what a child takes to tick a clock, even on a loaded machine; only a hung
+# child waits this long.
+CHILD_DEADLINE = 10.0
+
+
+@contextmanager
+def held_by_another_thread(*locks: AbstractContextManager[object]) -> Iterator[None]:
+    """``locks`` held by a second thread for the duration of the block."""
+    acquired, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
+            acquired.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    acquired.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+def run_in_child(use: Callable[[], None]) -> None:
+    """Fork, run ``use()`` in the child, and fail unless it returns within the deadline."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            use()
+            os.write(write_end, b"ok")
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], CHILD_DEADLINE)
+        answer = os.read(read_end, 2) if ready else b""
+    finally:
+        os.close(read_end)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    assert ready, f"the child hung for {CHILD_DEADLINE} s on a lock held at fork time"
+    assert (answer, os.waitstatus_to_exitcode(status)) == (b"ok", 0)
+
+
+def test_version_clock_ticks_in_a_child_forked_while_another_thread_ticks() -> None:
+    clock = VersionClock()
+    before = clock.tick()
+
+    def use() -> None:
+        version = clock.tick()
+        assert version > before
+        decode_record(encode_record(version, DATA, 1), FLAGS)
+
+    with held_by_another_thread(clock._lock):
+        run_in_child(use)
+    assert clock.tick() > before  # the parent's clock still works once released
+
+
+def test_metrics_count_in_a_child_forked_while_another_thread_counts() -> None:
+    metrics = Metrics()
+    metrics.add("loads")
+
+    def use() -> None:
+        metrics.add("loads")
+        assert metrics.snapshot()["loads"] == 2
+
+    with held_by_another_thread(metrics._lock):
+        run_in_child(use)
+    assert metrics.snapshot()["loads"] == 1  # the child's count stays in the child
+
+
+def test_renewal_does_not_keep_its_owner_alive() -> None:
+    clock = VersionClock()
+    entry = (id(clock), "_lock")
+    assert entry in _RENEWALS
+    del clock
+    gc.collect()
+    assert entry not in _RENEWALS
+
+
+def test_renewal_uses_the_factory_of_each_registration() -> None:
+    class Owner:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.rlock = threading.RLock()
+            renew_locks_after_fork(self, "lock")
+            renew_locks_after_fork(self, "rlock", factory=threading.RLock)
+
+    owner = Owner()
+
+    def use() -> None:
+        with owner.lock, owner.rlock, owner.rlock:  # the RLock is still reentrant
+            pass
+
+    with held_by_another_thread(owner.lock, owner.rlock):
+        run_in_child(use)
