@@ -10,6 +10,7 @@ import decimal
 import functools
 import struct
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -19,6 +20,16 @@ import msgpack
 #: decoding one takes ~40 KiB of C stack: 200 levels (a 1 KiB input) crash an 8 MiB stack.
 #: Defined here, where the hooks per depth are built, and re-exported by memsess.serializers.
 MAX_EXT_NESTING: Final = 16
+#: Ints beyond 64 bits (ext 12), in bytes: 32767 bits, ~9,900 decimal digits, over twice
+#: what str() and int() take by default (sys.int_info.default_max_str_digits). Without a
+#: bound one member of a set could make every hash and comparison of it arbitrarily slow.
+MAX_BIG_INT_BYTES: Final = 4096
+#: A set or frozenset whose stored members share one hash() value more often than this
+#: is refused. Python hashes numbers as their value mod 2**61-1 (UUIDs as their int, a
+#: tuple from its members' hashes), so a writer to the cache can pick members that all
+#: collide; each insert then compares with every earlier one: a 780 KB set of such ints
+#: took ~20 s of CPU to load. Honest data shares a hash between a handful of members.
+MAX_SHARED_HASH: Final = 64
 
 # msgpack ext type codes. -1 is msgpack's own Timestamp; ours are 1..127 and stored
 # in shared caches, so a code, once released, never changes meaning. Their payload
@@ -105,9 +116,10 @@ def _encode_int(value: int, depth: int) -> object:
     number = int.__int__(value)  # IntEnum and friends: their value, as JSON would
     if _INT64_MIN <= number < _UINT64_END:
         return number
-    return msgpack.ExtType(
-        _BIG_INT, number.to_bytes(number.bit_length() // 8 + 1, "big", signed=True)
-    )
+    size = number.bit_length() // 8 + 1
+    if size > MAX_BIG_INT_BYTES:  # loads() would refuse it
+        raise ValueError(f"int of {size} bytes, over the {MAX_BIG_INT_BYTES}-byte limit")
+    return msgpack.ExtType(_BIG_INT, number.to_bytes(size, "big", signed=True))
 
 
 def _encode_markup(value: Any, depth: int) -> msgpack.ExtType:
@@ -201,6 +213,30 @@ def _unpack_items(data: bytes, depth: int) -> list[Any]:
     return items
 
 
+def _unpack_members(data: bytes, depth: int) -> list[Any]:
+    """The members of a set or frozenset, refused if too many share one hash value.
+
+    Counting hash values is O(n) whatever they are (they are machine ints); building
+    the set from members that collide is O(n^2). Map keys need no such check: msgpack
+    maps hold str (or bytes) keys only, whose hash is keyed per process (SipHash)."""
+    members = _unpack_items(data, depth)
+    # k members sharing a hash leave at most n - k + 1 distinct hashes: the set of hashes
+    # alone clears honest data, whose members hardly ever collide, cheaper than a Counter.
+    if len(members) > MAX_SHARED_HASH and len(set(map(hash, members))) <= (
+        len(members) - MAX_SHARED_HASH
+    ):
+        shared = max(Counter(map(hash, members)).values())
+        if shared > MAX_SHARED_HASH:
+            raise ValueError(f"{shared} set members share one hash (limit {MAX_SHARED_HASH})")
+    return members
+
+
+def _decode_big_int(data: bytes, depth: int) -> int:
+    if len(data) > MAX_BIG_INT_BYTES:
+        raise ValueError(f"int of {len(data)} bytes, over the {MAX_BIG_INT_BYTES}-byte limit")
+    return int.from_bytes(data, "big", signed=True)
+
+
 def _decode_wall_clock(data: bytes) -> dt.datetime:
     stamp = msgpack.Timestamp.from_bytes(data)
     return _EPOCH + dt.timedelta(seconds=stamp.seconds, microseconds=stamp.nanoseconds // 1000)
@@ -230,8 +266,8 @@ def _decode_markup(data: bytes, depth: int) -> str:
 
 _DECODERS: Final[dict[int, Callable[[bytes, int], Any]]] = {
     _TUPLE: lambda data, depth: tuple(_unpack_items(data, depth)),
-    _SET: lambda data, depth: set(_unpack_items(data, depth)),
-    _FROZENSET: lambda data, depth: frozenset(_unpack_items(data, depth)),
+    _SET: lambda data, depth: set(_unpack_members(data, depth)),
+    _FROZENSET: lambda data, depth: frozenset(_unpack_members(data, depth)),
     _NAIVE_DATETIME: lambda data, depth: _decode_wall_clock(data),
     _AWARE_DATETIME: lambda data, depth: _decode_wall_clock(data[8:]).replace(
         tzinfo=_decode_timezone(data[:8])
@@ -242,7 +278,7 @@ _DECODERS: Final[dict[int, Callable[[bytes, int], Any]]] = {
     _UUID: lambda data, depth: uuid.UUID(bytes=data),
     _DECIMAL: lambda data, depth: decimal.Decimal(data.decode("ascii")),
     _MARKUP: _decode_markup,
-    _BIG_INT: lambda data, depth: int.from_bytes(data, "big", signed=True),
+    _BIG_INT: _decode_big_int,
 }
 
 

@@ -16,7 +16,9 @@ import msgpack
 
 from memsess._msgpack_ext import (
     _DEFAULTS,
+    MAX_BIG_INT_BYTES,
     MAX_EXT_NESTING,
+    MAX_SHARED_HASH,
     _encoder_for,
     _unpack,
     _unsupported,
@@ -25,9 +27,11 @@ from memsess.errors import SerializationError
 
 __all__ = [
     "JSON",
+    "MAX_BIG_INT_BYTES",
     "MAX_DATA_BYTES",
     "MAX_EXT_NESTING",
     "MAX_NESTING",
+    "MAX_SHARED_HASH",
     "MSGPACK",
     "SERIALIZERS",
     "JSONSerializer",
@@ -40,8 +44,8 @@ __all__ = [
 MAX_DATA_BYTES: Final = 100 * 1024 * 1024
 #: dumps() refuses containers nested deeper than this (it also catches cycles early).
 MAX_NESTING: Final = 100
-# MAX_EXT_NESTING (tuples and sets inside tuples and sets, 16) is imported above from
-# memsess._msgpack_ext, which builds its ext hooks per nesting level from it.
+# MAX_EXT_NESTING (tuples and sets inside tuples and sets, 16), MAX_BIG_INT_BYTES and
+# MAX_SHARED_HASH are imported above from memsess._msgpack_ext, whose hooks apply them.
 
 
 @runtime_checkable
@@ -135,7 +139,8 @@ def _utf8_problem(text: str) -> str | None:
     return None
 
 
-_MSGPACK_NATIVE: Final = frozenset({bytes, int, float, bool, type(None), bytearray, memoryview})
+# Not int: past 64 bits its encoder has a size limit to report.
+_MSGPACK_NATIVE: Final = frozenset({bytes, float, bool, type(None), bytearray, memoryview})
 
 
 def _msgpack_leaf_problem(value: Any) -> str | None:
@@ -240,8 +245,11 @@ class MsgpackSerializer:
     9     UUID                    16 bytes
     10    Decimal                 str(value), ASCII
     11    Markup (has __html__)   its HTML, UTF-8; back as markupsafe.Markup if importable
-    12    int beyond 64 bits      two's complement
+    12    int beyond 64 bits      two's complement, at most MAX_BIG_INT_BYTES (4096)
     ====  ======================  ===================================================
+
+    loads() refuses a set or frozenset with more than MAX_SHARED_HASH (64) members
+    sharing one hash value: building it would cost O(n^2) comparisons.
 
     Aware datetimes and times come back with a fixed-offset ``datetime.timezone`` (the
     offset they had; zone names are not kept). Subclasses of str, int, float, bytes,

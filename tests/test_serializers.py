@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import enum
+import itertools
 import math
 import sys
 import threading
@@ -23,8 +24,10 @@ from memsess import _msgpack_ext, serializers
 from memsess.errors import SerializationError
 from memsess.serializers import (
     JSON,
+    MAX_BIG_INT_BYTES,
     MAX_EXT_NESTING,
     MAX_NESTING,
+    MAX_SHARED_HASH,
     MSGPACK,
     SERIALIZERS,
     JSONSerializer,
@@ -548,6 +551,77 @@ def test_loads_of_wrong_input_type_raises_value_error() -> None:
     for serializer in (MSGPACK, JSON):
         with pytest.raises(ValueError, match="cannot decode"):
             serializer.loads(None)  # type: ignore[arg-type]
+
+
+# --- CPU bounds on loads: members chosen to share one hash() ---------------------
+
+# Python hashes every number as its value mod this prime (sys.hash_info.modulus), so
+# anyone who can write to the cache can pick set members that all share one hash.
+HASH_MODULUS = 2**61 - 1
+
+
+def big_int(value: int) -> msgpack.ExtType:
+    return msgpack.ExtType(12, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
+
+
+def set_ext(code: int, members: list[Any]) -> bytes:
+    """{"k": set (code 2) or frozenset (3) of `members`}, by hand: building the hostile
+    set in Python to dumps() it would cost the very time the check saves."""
+    return ext(code, msgpack.packb(members, use_bin_type=True))
+
+
+def colliding(count: int, start: int = 2**64) -> list[int]:
+    return [start + i * HASH_MODULUS for i in range(count)]
+
+
+def test_loads_refuses_a_780_kb_set_of_big_ints_sharing_one_hash() -> None:
+    # Before the check, loading this took ~20 s of CPU: each insert compared the new
+    # member with every earlier one.
+    raw = set_ext(2, [big_int(value) for value in colliding(60_000)])
+    assert len(raw) > 770_000
+    with pytest.raises(ValueError, match="share one hash"):
+        MSGPACK.loads(raw)
+
+
+# Not only ints: UUIDs (hashed as their 128-bit int; the slowest, ~1 ms per member),
+# Decimals, and tuples of plain 64-bit ints (a tuple's hash is made of its members').
+INT64_TWINS = colliding(9, start=5)  # 5 + 8 * HASH_MODULUS still fits in 64 bits
+COLLIDING_MEMBERS = {
+    "uuids": [msgpack.ExtType(9, value.to_bytes(16, "big")) for value in colliding(2000)],
+    "decimals": [msgpack.ExtType(10, str(value).encode()) for value in colliding(2000)],
+    "tuples of int64": [
+        msgpack.ExtType(1, msgpack.packb(list(t))) for t in itertools.product(INT64_TWINS, repeat=4)
+    ],
+    "floats and ints": [
+        *(2.0 ** (61 * k) for k in range(-17, 17)),  # 2**61 == 1 mod HASH_MODULUS
+        *colliding(9, start=1),
+        *map(big_int, colliding(30, start=1 + 9 * HASH_MODULUS)),
+    ],
+}
+
+
+@pytest.mark.parametrize("members", COLLIDING_MEMBERS.values(), ids=COLLIDING_MEMBERS.keys())
+@pytest.mark.parametrize("code", [2, 3], ids=["set", "frozenset"])
+def test_loads_refuses_sets_of_any_members_sharing_one_hash(code: int, members: list[Any]) -> None:
+    with pytest.raises(ValueError, match="share one hash"):
+        MSGPACK.loads(set_ext(code, members))
+
+
+def test_loads_accepts_up_to_max_shared_hash_members_per_hash() -> None:
+    uuids = {uuid.UUID(int=value) for value in colliding(MAX_SHARED_HASH)}
+    assert len({hash(member) for member in uuids}) == 1
+    assert_round_trip(uuids)
+    assert_round_trip(frozenset(uuids))
+
+
+def test_big_ints_are_bounded_in_size_both_ways() -> None:
+    largest = 2 ** (MAX_BIG_INT_BYTES * 8 - 1) - 1
+    assert_round_trip(largest)
+    assert_round_trip(-largest)
+    with pytest.raises(SerializationError, match=r"^session\['n'\]\[0\]: .*bytes"):
+        MSGPACK.dumps({"n": [largest + 1]})
+    with pytest.raises(ValueError, match="bytes"):
+        MSGPACK.loads(ext(12, b"\x01" * (MAX_BIG_INT_BYTES + 1)))
 
 
 # --- JSON ------------------------------------------------------------------------
