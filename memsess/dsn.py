@@ -6,7 +6,6 @@ Pure functions, no I/O: :func:`parse_dsn` and its inverse :func:`format_dsn`.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DEFAULT_WEIGHT",
     "MAX_PORT",
+    "MAX_RETRY_INTERVAL",
+    "MAX_TIMEOUT",
     "Scheme",
     "ServerSpec",
     "format_dsn",
@@ -40,6 +41,16 @@ DEFAULT_RETRY_INTERVAL: Final = 15.0
 # connections open between requests anyway: the flag only says "pool them".
 DEFAULT_PERSISTENT: Final = True
 MAX_PORT: Final = 65535
+#: Seconds. poll() takes its timeout as a C int of milliseconds (~24.8 days at most, then
+#: OverflowError in every request); an hour is already far past any useful deadline.
+MAX_TIMEOUT: Final = 3600.0
+#: Seconds. A server skipped for longer than a day is as good as removed: a larger value
+#: is a mistake (milliseconds written for seconds?), not a policy.
+MAX_RETRY_INTERVAL: Final = 86400.0
+# RFC 1035 2.3.4: labels of 1 to 63 octets, names of at most 255 octets on the wire, which
+# is 253 characters written out. socket.getaddrinfo() raises UnicodeError past them.
+_MAX_LABEL: Final = 63
+_MAX_NAME: Final = 253
 
 _T = TypeVar("_T")
 
@@ -92,12 +103,18 @@ class ServerSpec:
             object.__setattr__(self, "udp_port", self.port)
         if not _is_integer(self.weight) or self.weight < 1:
             raise DSNError(f"weight must be an integer >= 1, got {self.weight!r}")
-        if not _is_real(self.timeout) or not (0 < self.timeout < math.inf):
-            raise DSNError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
-        if not _is_real(self.retry_interval) or not (0 <= self.retry_interval < math.inf):
+        if not _is_real(self.timeout) or not (0 < self.timeout <= MAX_TIMEOUT):
             raise DSNError(
-                "retry_interval must be a finite number of seconds >= 0 (PHP's -1, "
-                f"'never retry', is not supported), got {self.retry_interval!r}"
+                f"timeout must be a finite number of seconds > 0 and at most {MAX_TIMEOUT:g}, "
+                f"got {self.timeout!r}"
+            )
+        if not _is_real(self.retry_interval) or not (
+            0 <= self.retry_interval <= MAX_RETRY_INTERVAL
+        ):
+            raise DSNError(
+                f"retry_interval must be a finite number of seconds >= 0 and at most "
+                f"{MAX_RETRY_INTERVAL:g} (PHP's -1, 'never retry', is not supported), "
+                f"got {self.retry_interval!r}"
             )
         if not isinstance(self.persistent, bool):
             raise DSNError(f"persistent must be True or False, got {self.persistent!r}")
@@ -145,6 +162,23 @@ def _check_host(scheme: str, host: str) -> None:
         _check_ip(host, ipaddress.IPv4Address, "IPv4")
     elif not _HOSTNAME.fullmatch(host):
         raise DSNError(f"invalid host name {host!r}: use letters, digits, '-', '.' and '_'")
+    else:
+        _check_dns_name(host)
+
+
+def _check_dns_name(host: str) -> None:
+    """Raise DSNError for a name that DNS, or the IDNA codec sockets encode it with, refuses."""
+    name = host.removesuffix(".")  # a trailing dot only says the name is fully qualified
+    for label in name.split("."):
+        if not 0 < len(label) <= _MAX_LABEL:
+            length = len(label)
+            raise DSNError(f"host name label {label!r} of {length} characters (DNS allows 1 to 63)")
+    if len(name) > _MAX_NAME:
+        raise DSNError(f"host name of {len(name)} characters (DNS allows up to {_MAX_NAME})")
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:  # what every connect would raise, found now
+        raise DSNError(f"host name {host!r} cannot be encoded for DNS: {exc}") from None
 
 
 def _check_ip(host: str, parse: Callable[[str], object], family: str) -> None:

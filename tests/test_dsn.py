@@ -14,6 +14,8 @@ from memsess.dsn import (
     DEFAULT_RETRY_INTERVAL,
     DEFAULT_TIMEOUT,
     DEFAULT_WEIGHT,
+    MAX_RETRY_INTERVAL,
+    MAX_TIMEOUT,
     ServerSpec,
     format_dsn,
     parse_dsn,
@@ -221,6 +223,24 @@ MALFORMED = [
     ("tcp://[::1]:1 [0:0::1]:1", "[0:0::1]:1", "are the same server [0:0::1]:1"),
     ("unix:///m.sock unix:///m.sock:0", "unix:///m.sock:0", "are the same server unix:/m.sock"),
     ("tcp://a:1, tcp://b:0, tcp://c:0", "tcp://b:0", "port must be"),
+    # Values that parse but would break every request later, far from the save_path.
+    (
+        "tcp://h?timeout=3000000",
+        "tcp://h?timeout=3000000",
+        "timeout must be a finite number of seconds > 0 and at most 3600,",
+    ),
+    (
+        "tcp://h?timeout=3600.5",
+        "tcp://h?timeout=3600.5",
+        "timeout must be a finite number of seconds > 0 and at most 3600,",
+    ),
+    ("h?retry_interval=86401", "h?retry_interval=86401", "and at most 86400 (PHP"),
+    ("h?retry_interval=1e300", "h?retry_interval=1e300", "and at most 86400 (PHP"),
+    (f"tcp://{'a' * 64}.example", "a" * 64, f"label '{'a' * 64}' of 64 characters"),
+    (f"h, {'a' * 64}:1", f"{'a' * 64}:1", "of 64 characters (DNS allows 1 to 63)"),
+    ("tcp://a..b:1", "tcp://a..b:1", "host name label '' of 0 characters (DNS allows 1 to 63)"),
+    ("tcp://.a", "tcp://.a", "host name label '' of 0 characters"),
+    (f"tcp://{'.'.join(['a' * 63] * 4)}", "a" * 63, "host name of 255 characters"),
 ]
 
 
@@ -231,6 +251,24 @@ def test_malformed_save_path_names_entry_and_bad_part(
     with pytest.raises(DSNError, match=re.escape(bad_part)) as raised:
         parse_dsn(save_path)
     assert entry in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("save_path", "expected"),
+    [
+        (f"h?timeout={MAX_TIMEOUT}", tcp("h", timeout=MAX_TIMEOUT)),
+        (f"h?retry_interval={MAX_RETRY_INTERVAL}", tcp("h", retry_interval=MAX_RETRY_INTERVAL)),
+        (f"tcp://{'a' * 63}.example", tcp(f"{'a' * 63}.example")),
+        (
+            f"tcp://{'.'.join(['a' * 63] * 3)}.{'b' * 61}",
+            tcp(f"{'.'.join(['a' * 63] * 3)}.{'b' * 61}"),
+        ),
+        ("tcp://cache.example.", tcp("cache.example.")),  # a fully qualified name
+    ],
+    ids=["timeout", "retry_interval", "63-character label", "253-character name", "root dot"],
+)
+def test_values_at_the_limits_are_accepted(save_path: str, expected: ServerSpec) -> None:
+    assert parse_dsn(save_path) == (expected,)
 
 
 def test_dsn_error_is_a_value_error() -> None:
@@ -251,6 +289,15 @@ def test_first_bad_entry_is_the_one_named() -> None:
         ({"weight": True}, "weight must be an integer >= 1, got True"),
         ({"timeout": float("nan")}, "timeout must be a finite number"),
         ({"retry_interval": float("inf")}, "retry_interval must be a finite number"),
+        (
+            {"timeout": 3_000_000},
+            "timeout must be a finite number of seconds > 0 and at most 3600,",
+        ),
+        (
+            {"retry_interval": 10**6},
+            "retry_interval must be a finite number of seconds >= 0 and at most",
+        ),
+        ({"host": "a" * 64}, "of 64 characters (DNS allows 1 to 63)"),
         ({"persistent": 1}, "persistent must be True or False"),
         ({"udp_port": 0}, "udp_port must be an integer 1..65535"),
         ({"host": "[::1]"}, "invalid IPv6 address '[::1]'"),
@@ -315,12 +362,14 @@ def test_format_dsn_refuses_what_parse_dsn_would_refuse(
 
 # --- property: any valid server list survives format_dsn -> parse_dsn ---------
 
-hostnames = st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,30}", fullmatch=True)
+hostnames = st.from_regex(
+    r"[A-Za-z][A-Za-z0-9_-]{0,30}(\.[A-Za-z0-9_-]{1,30}){0,3}\.?", fullmatch=True
+)
 ipv4 = st.ip_addresses(v=4).map(str)
 ipv6 = st.ip_addresses(v=6).map(str)
 ports = st.integers(1, 65535)
-timeouts = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False)
-retry_intervals = st.floats(min_value=0, allow_nan=False, allow_infinity=False)
+timeouts = st.floats(min_value=0, max_value=MAX_TIMEOUT, exclude_min=True)
+retry_intervals = st.floats(min_value=0, max_value=MAX_RETRY_INTERVAL)
 
 
 @st.composite
