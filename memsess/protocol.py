@@ -245,7 +245,7 @@ class ClientProtocol:
     so that a late reply is never read as the answer to a later command.
     """
 
-    __slots__ = ("_buffer", "_eof", "_error", "_expected", "_items", "_max_value_size")
+    __slots__ = ("_asked", "_buffer", "_eof", "_error", "_expected", "_items", "_max_value_size")
 
     def __init__(self, *, max_value_size: int = 64 * 1024 * 1024) -> None:
         """``max_value_size``: the longest value, in bytes, a get reply may carry (default
@@ -254,8 +254,9 @@ class ClientProtocol:
         self._buffer = bytearray()
         self._eof = False
         self._error: ProtocolError | None = None
-        self._expected: deque[ReplyKind] = deque()
+        self._expected: deque[Command] = deque()
         self._items: list[Item] = []  # of the get being read, so none is parsed twice
+        self._asked: list[bytes] | None = None  # keys of the get being read, once an item came
 
     @property
     def pending(self) -> int:
@@ -268,7 +269,7 @@ class ClientProtocol:
             self._raise_dead()
         if self._eof:
             raise ConnectionClosedError("cannot send: the server closed the connection")
-        self._expected.append(command.kind)
+        self._expected.append(command)
         return command.data
 
     def receive_data(self, data: bytes) -> None:
@@ -285,7 +286,8 @@ class ClientProtocol:
     def next_reply(self) -> Reply | NeedData:
         """The complete reply to the oldest pending command, or NEED_DATA.
 
-        Raises ProtocolError for bytes that break the protocol (the object is then dead),
+        Raises ProtocolError for bytes that break the protocol, such as an item under a key
+        the get did not ask for (the object is then dead),
         ConnectionClosedError if the server closed the connection before the reply.
         """
         if self._error is not None:
@@ -296,8 +298,11 @@ class ClientProtocol:
                 if self._buffer:
                     raise ProtocolError(f"{len(self._buffer)} bytes came with no command pending")
                 return NEED_DATA
-            kind = expected[0]
-            reply = self._read_values() if kind is _RETRIEVAL else self._read_line_reply(kind)
+            command = expected[0]
+            kind = command.kind
+            reply = (
+                self._read_values(command) if kind is _RETRIEVAL else self._read_line_reply(kind)
+            )
         except ProtocolError as exc:
             self._error = exc
             raise
@@ -330,7 +335,7 @@ class ClientProtocol:
             return Version(line[8:].decode("ascii", "replace"))
         return _error_reply(line, kind)
 
-    def _read_values(self) -> Values | ErrorReply | NeedData:
+    def _read_values(self, command: Command) -> Values | ErrorReply | NeedData:
         # protocol.txt, "Retrieval command": zero or more items, each "VALUE <key> <flags>
         # <bytes> [<cas unique>]\r\n<data block>\r\n", then "END\r\n".
         buf = self._buffer
@@ -341,12 +346,13 @@ class ClientProtocol:
                 _partial_line(buf, pos, eol)
                 break
             if buf.startswith(b"VALUE ", pos):
-                pos = self._read_item(buf, pos, eol)
+                pos = self._read_item(buf, pos, eol, command)
                 if pos < 0:
                     return NEED_DATA
                 continue
             items = self._items
             self._items = []
+            self._asked = None
             if eol - pos == 3 and buf.startswith(b"END", pos):
                 del buf[: eol + 2]
                 return Values(tuple(items))
@@ -357,7 +363,7 @@ class ClientProtocol:
         del buf[:pos]
         return NEED_DATA
 
-    def _read_item(self, buf: bytearray, pos: int, eol: int) -> int:
+    def _read_item(self, buf: bytearray, pos: int, eol: int, command: Command) -> int:
         """Move the item whose VALUE line is ``buf[pos:eol]`` into self._items.
 
         Returns the offset after its data block; if the block is incomplete, drops the
@@ -378,6 +384,7 @@ class ClientProtocol:
             len(flags_field) > 10 or len(size_field) > 10
         ):
             raise _malformed(buf, pos, eol)
+        self._check_asked(key, command)
         flags = int(flags_field)
         size = int(size_field)
         if flags > _MAX_FLAGS or (cas_unique is not None and cas_unique > _MAX_CAS):
@@ -402,6 +409,16 @@ class ClientProtocol:
                 value = view[start:end].tobytes()
         self._items.append(Item(key, flags, value, cas_unique))
         return end + 2
+
+    def _check_asked(self, key: bytes, command: Command) -> None:
+        # An item under another key is a late reply to some other command (or a server
+        # answering for someone else): taken as this answer, it would pass for the session
+        # asked for. The command's keys are split out only once an item arrives.
+        asked = self._asked
+        if asked is None:
+            asked = self._asked = command.data.split()[1:]  # past "get"/"gets"
+        if key not in asked:
+            raise ProtocolError(f"an item under key {_excerpt(key)} that was not asked for")
 
 
 def _partial_line(buf: bytearray, pos: int, eol: int) -> NeedData:

@@ -242,6 +242,7 @@ MALFORMED = [
     (protocol.version(), b"STORED\r\n"),
     (protocol.version(), b"\r\n"),
     (protocol.version(), b"y" * 9000 + b"\r\n"),
+    (protocol.get(b"k"), b"VALUE other 0 1\r\nx\r\nEND\r\n"),  # see UNASKED
 ]
 
 
@@ -262,6 +263,39 @@ def test_malformed_reply_raises_and_the_protocol_stays_dead(command: Command, da
     for call in proto_calls:
         with pytest.raises(ProtocolError, match="unusable"):
             call()
+
+
+# Items under keys the command did not ask for: a late reply to another command, or a
+# server answering for someone else. Read as this command's answer, the item would be
+# taken for the session asked for.
+UNASKED = [
+    (protocol.get(b"k"), b"VALUE other 0 1\r\nx\r\nEND\r\n"),
+    (protocol.get(b"k"), b"VALUE k 0 1\r\nx\r\nVALUE kk 0 1\r\ny\r\nEND\r\n"),
+    (protocol.get(b"kk"), b"VALUE k 0 1\r\nx\r\nEND\r\n"),  # a prefix of the key asked
+    (
+        protocol.get(b"k1", b"k2", cas=True),
+        b"VALUE k2 0 1 5\r\nx\r\nVALUE k3 0 1 6\r\ny\r\nEND\r\n",
+    ),
+    (protocol.get(b"k"), b"VALUE get 0 1\r\nx\r\nEND\r\n"),  # the command's name is no key
+    (protocol.get(b"k", cas=True), b"VALUE gets 0 1 1\r\nx\r\nEND\r\n"),
+]
+
+
+@pytest.mark.parametrize(("command", "data"), UNASKED)
+def test_an_item_under_a_key_not_asked_for_is_refused_however_split(
+    command: Command, data: bytes
+) -> None:
+    bytewise = [data[i : i + 1] for i in range(len(data))]
+    for chunks in [[data], *all_splits(data), bytewise]:
+        with pytest.raises(ProtocolError, match="not asked for"):
+            parse([command], chunks)
+
+
+def test_items_of_a_multi_get_may_come_in_any_order_and_repeat_a_key() -> None:
+    items = (Item(b"k3", 0, b"c", 3), Item(b"k1", 0, b"a", 1), Item(b"k3", 0, b"c", 3))
+    data = b"".join(b"VALUE %b 0 1 %d\r\n%b\r\n" % (i.key, i.cas, i.value) for i in items)
+    command = protocol.get(b"k1", b"k2", b"k3", cas=True)
+    assert parse([command], [data + b"END\r\n"]) == [Values(items)]
 
 
 def test_reply_with_no_command_pending_is_a_protocol_error() -> None:
@@ -340,7 +374,8 @@ def test_random_get_replies_survive_random_splits(items: list[Item], cuts: list[
     data += b"END\r\nSTORED\r\n"
     bounds = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
     chunks = [data[a:b] for a, b in itertools.pairwise(bounds) if a < b]
-    commands = [protocol.get(b"k", cas=True), protocol.set(b"k", b"v")]
+    keys = [item.key for item in items] or [b"k"]
+    commands = [protocol.get(*keys, cas=True), protocol.set(b"k", b"v")]
     assert parse(commands, chunks) == [Values(tuple(items)), Status.STORED]
 
 
