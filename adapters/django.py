@@ -7,7 +7,6 @@ the ``SESSION_MEMSESS`` setting; one memsess store per process and configuration
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, ParamSpec, TypeVar
@@ -23,7 +22,7 @@ from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-u
 from django.core.signals import setting_changed  # type: ignore[import-untyped]
 
 from memsess.errors import SessionGoneError
-from memsess.records import is_valid_id
+from memsess.records import is_valid_id, lifetime_seconds
 from memsess.store import SessionStore as MemsessStore
 from memsess.store import Snapshot
 
@@ -63,7 +62,7 @@ def get_store() -> MemsessStore:
     if unknown:
         raise ImproperlyConfigured(f"memsess: unknown SESSION_MEMSESS keys {sorted(unknown)}")
     options = {OPTIONS[key]: value for key, value in config.items() if key != "SAVE_PATH"}
-    options["ttl"] = settings.SESSION_COOKIE_AGE
+    options["ttl"] = lifetime_seconds(settings.SESSION_COOKIE_AGE, name="SESSION_COOKIE_AGE")
     cache_key = (config["SAVE_PATH"], *sorted(options.items()))
     store = _stores.get(cache_key)
     if store is None:
@@ -158,10 +157,11 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
         return None
 
     def _write(self, key: str, data: dict[str, Any], snapshot: Snapshot | None) -> None:
-        ttl = math.ceil(self.get_expiry_age())
-        if ttl <= 0:  # an expiry in the past: the session ends now
+        age = self.get_expiry_age()
+        if age <= 0:  # an expiry in the past: the session ends now
             self.store.delete(key)
             return
+        ttl = lifetime_seconds(age, name="session expiry age")  # 0.5 s: 1, never 0 (forever)
         try:
             self.store.save(key, data, ttl=ttl, snapshot=snapshot)
         except SessionGoneError as exc:

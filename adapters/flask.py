@@ -3,7 +3,6 @@ on a memsess store, and :func:`init_app` to build one from ``app.config``."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Final
 
 from flask import Flask
@@ -11,6 +10,7 @@ from flask.sessions import SessionInterface, SessionMixin
 from flask.wrappers import Request, Response
 
 from memsess.adapters import Outcome, Session
+from memsess.records import lifetime_seconds
 from memsess.store import SessionStore
 
 __all__ = ["CONFIG_OPTIONS", "MemsessSession", "MemsessSessionInterface", "init_app"]
@@ -79,8 +79,10 @@ class MemsessSessionInterface(SessionInterface):
 
     @staticmethod
     def lifetime(app: Flask) -> int:
-        """Seconds every session lives in memcached: ``PERMANENT_SESSION_LIFETIME``."""
-        return max(1, math.ceil(app.permanent_session_lifetime.total_seconds()))
+        """Seconds every session lives in memcached: ``PERMANENT_SESSION_LIFETIME``,
+        rounded up to whole seconds; ValueError if it is not positive."""
+        seconds = app.permanent_session_lifetime.total_seconds()
+        return lifetime_seconds(seconds, name="PERMANENT_SESSION_LIFETIME")
 
     def _cookie_options(self, app: Flask) -> dict[str, Any]:
         options = {

@@ -11,6 +11,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Final
 
 from memsess.adapters import Outcome, Session
+from memsess.records import lifetime_seconds
 from memsess.store import SessionStore
 
 if TYPE_CHECKING:
@@ -32,9 +33,10 @@ class SessionMiddleware:
 
     ``max_age``: seconds a session lives after its last change (or its last
     request with ``refresh_each_request``), in the store and in the cookie's
-    Max-Age/Expires; default: the store's ttl. ``expire_at_browser_close``: send
-    the cookie without Max-Age/Expires. ``samesite``: "Lax" (default), "Strict",
-    "None" (needs ``secure``) or None for no attribute.
+    Max-Age/Expires, rounded up to whole seconds; default: the store's ttl.
+    ``expire_at_browser_close``: send the cookie without Max-Age/Expires.
+    ``samesite``: "Lax" (default), "Strict", "None" (needs ``secure``) or None for
+    no attribute.
     """
 
     def __init__(
@@ -48,7 +50,7 @@ class SessionMiddleware:
         samesite: str | None = "Lax",
         path: str = "/",
         domain: str | None = None,
-        max_age: int | None = None,
+        max_age: float | None = None,
         expire_at_browser_close: bool = False,
         refresh_each_request: bool = True,
     ) -> None:
@@ -62,9 +64,9 @@ class SessionMiddleware:
         if samesite == "None" and not secure:
             raise ValueError('samesite="None" needs secure=True (browsers drop the cookie)')
         self.app, self.store, self.cookie_name = app, store, cookie_name
-        self.max_age = store.ttl if max_age is None else max_age
-        if self.max_age <= 0:
-            raise ValueError(f"max_age must be a positive number of seconds, got {max_age}")
+        # Whole seconds: memcached's exptime is an integer (0.5 would become 0, "never
+        # expires"), and so is a cookie's Max-Age.
+        self.max_age = lifetime_seconds(store.ttl if max_age is None else max_age, name="max_age")
         self.expire_at_browser_close = expire_at_browser_close
         self.refresh_each_request = refresh_each_request
         flags = {f"Domain={domain}": bool(domain), "Secure": secure, "HttpOnly": httponly}

@@ -185,6 +185,47 @@ def test_configured_cookie_attributes(cluster: LocalCluster) -> None:
         assert 55 <= ttl_left(cluster, index, key_of(store, cookie.value)) <= 60
 
 
+@pytest.mark.parametrize(("age", "seconds"), [(0.5, 1), (2.1, 3), (60, 60)])
+def test_store_ttl_is_session_cookie_age_rounded_up_to_whole_seconds(
+    cluster: LocalCluster, age: float, seconds: int
+) -> None:
+    # The store's ttl is what regenerate() (cycle_key, at login) writes with: 0.5 must not
+    # reach memcached as exptime 0, "never expires".
+    with override_settings(SESSION_COOKIE_AGE=age):
+        ttl = get_store().ttl
+    assert (ttl, type(ttl)) == (seconds, int)
+
+
+@pytest.mark.parametrize("age", [0, -1, float("nan")])
+def test_a_session_cookie_age_of_zero_or_less_is_refused_by_name(
+    cluster: LocalCluster, age: float
+) -> None:
+    with (
+        override_settings(SESSION_COOKIE_AGE=age),
+        pytest.raises(ValueError, match="SESSION_COOKIE_AGE"),
+    ):
+        get_store()
+
+
+def test_a_fractional_expiry_age_is_written_as_whole_seconds_rounded_up(
+    cluster: LocalCluster, store: memsess.SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ttls: list[object] = []
+    real_save = store.save
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        ttls.append(kwargs["ttl"])
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(store, "save", spy)
+    session = SessionStore()
+    session["n"] = 1
+    session.set_expiry(1.5)
+    session.save()
+    assert ttls == [2]
+    assert type(ttls[0]) is int
+
+
 @override_settings(SESSION_EXPIRE_AT_BROWSER_CLOSE=True)
 def test_expire_at_browser_close(cluster: LocalCluster) -> None:
     cookie = Client().get("/count").cookies[NAME]

@@ -206,6 +206,22 @@ def test_refresh_each_request_touches_a_permanent_session(
     assert ttl_left(cluster, holders(cluster, store, sid)[0], key_of(store, sid)) <= 5000
 
 
+@pytest.mark.parametrize(("lifetime", "seconds"), [(0.5, 1), (2.1, 3), (3600, 3600)])
+def test_session_lifetime_is_whole_seconds_rounded_up(
+    app: Flask, lifetime: float, seconds: int
+) -> None:
+    app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(seconds=lifetime)
+    assert MemsessSessionInterface.lifetime(app) == seconds
+
+
+@pytest.mark.parametrize("lifetime", [timedelta(0), timedelta(seconds=-5), 0])
+def test_a_lifetime_of_zero_or_less_is_refused_by_name(app: Flask, lifetime: Any) -> None:
+    # Not quietly 1 second: the setting is wrong, and memcached would read 0 as "forever".
+    app.config["PERMANENT_SESSION_LIFETIME"] = lifetime
+    with pytest.raises(ValueError, match="PERMANENT_SESSION_LIFETIME"):
+        MemsessSessionInterface.lifetime(app)
+
+
 def test_login_regenerates_the_id_and_kills_the_old_one(
     client: FlaskClient, app: Flask, store: SessionStore
 ) -> None:

@@ -4,6 +4,7 @@ faults, hostile cookies, session fixation, cookie attributes, outages."""
 from __future__ import annotations
 
 import http.client
+import math
 import runpy
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -241,11 +242,41 @@ def test_configured_cookie_attributes(store: SessionStore) -> None:
 @pytest.mark.parametrize(
     "options",
     [{"cookie_name": "a b"}, {"path": "/;x"}, {"domain": "a\r\nb"}, {"samesite": "None"},
-     {"samesite": "lax"}, {"max_age": 0}],
+     {"samesite": "lax"}, {"max_age": 0}, {"max_age": -0.5}, {"max_age": math.nan},
+     {"max_age": math.inf}],
 )  # fmt: skip
 def test_unsafe_options_are_refused(store: SessionStore, options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - each option names itself in the message
         SessionMiddleware(demo_app, store, **options)
+
+
+def test_a_max_age_that_is_not_a_number_is_refused_by_name(store: SessionStore) -> None:
+    for max_age in (True, "60"):
+        with pytest.raises(TypeError, match="max_age"):
+            SessionMiddleware(demo_app, store, max_age=max_age)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("max_age", "seconds"), [(0.5, 1), (2.1, 3)])
+def test_a_fractional_max_age_is_rounded_up_in_the_cookie_and_the_store(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch, max_age: float, seconds: int
+) -> None:
+    # memcached reads exptime 0 as "never expires": 0.5 must not become 0 on the way.
+    ttls: list[object] = []
+    for method in ("save", "touch", "regenerate"):
+        real = getattr(store, method)
+
+        def spy(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            ttls.append(kwargs["ttl"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(store, method, spy)
+    app = SessionMiddleware(demo_app, store, max_age=max_age)
+    visitor = call(app, "/count").cookie()[0]  # save
+    sid = login(app, cookie=visitor)  # regenerate
+    reply = call(app, "/whoami", sid)  # touch
+    assert reply.cookie()[1]["max-age"] == str(seconds)
+    assert len(ttls) >= 3  # regenerate() may save through save() too
+    assert all(ttl == seconds and type(ttl) is int for ttl in ttls)
 
 
 def test_user_stays_logged_in_while_a_server_is_killed(
