@@ -162,6 +162,7 @@ class Cluster:
         ).run()
         results: list[Result] = run.results  # type: ignore[assignment]  # all filled
         health = self._health
+        now = monotonic()
         for slot, (index, _) in enumerate(batch):
             result = results[slot]
             if isinstance(result, DatagramLostError):
@@ -174,10 +175,15 @@ class Cluster:
                 if record:
                     self.record(index, result)
                 continue
-            self._last_reply[index] = monotonic()  # a float store: atomic, no lock needed
-            self._srtt[index], self._rttvar[index] = rtt_sample(
-                self._srtt[index], self._rttvar[index], run.latency[slot]
-            )
+            # Float stores, each atomic: no lock (a lost sample in a race is harmless).
+            self._last_reply[index] = now
+            srtt = self._srtt[index]
+            if srtt:  # rtt_sample, inlined: this runs for every reply
+                sample = run.latency[slot]
+                self._rttvar[index] += (abs(srtt - sample) - self._rttvar[index]) / 4
+                self._srtt[index] = srtt + (sample - srtt) / 8
+            else:
+                self._srtt[index], self._rttvar[index] = rtt_sample(0.0, 0.0, run.latency[slot])
             if record and (health[index].failures or not health[index].usable):
                 self.record(index, result)
         return results

@@ -8,7 +8,7 @@ retry interval is tested without sleeping.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 __all__ = [
@@ -54,11 +54,12 @@ class Health:
     retry_at: float = 0.0  # monotonic seconds; meaningful when DOWN
     reason: str = ""  # last failure, for health() and logs
     since: float = 0.0  # monotonic seconds of the last state change
+    #: True when requests include this server (UP or SUSPECT). A field, not a property:
+    #: every request reads it for every copy.
+    usable: bool = field(init=False, compare=False, repr=False)
 
-    @property
-    def usable(self) -> bool:
-        """True when requests should include this server without a probe."""
-        return self.state is State.UP or self.state is State.SUSPECT
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "usable", self.state in (State.UP, State.SUSPECT))
 
 
 def on_success(health: Health, now: float) -> Health:

@@ -24,7 +24,7 @@ from memsess import protocol
 from memsess.cluster import Cluster
 from memsess.errors import MemsessError, NoServerAvailableError, SessionGoneError
 from memsess.metrics import Metrics
-from memsess.protocol import Command, ErrorReply, Item, Status, Values
+from memsess.protocol import Command, ErrorReply, Item, ReplyKind, Status, Values
 from memsess.records import FLAGS, Record, decode_record
 from memsess.transport import Result, WaitRule
 
@@ -93,9 +93,10 @@ class _Rule:
     def _start_window(self, now: float, *, write: bool) -> None:
         window = self._cluster.window
         servers = self._servers
-        longest = max(
-            window(servers[slot], write=write) for slot, left in enumerate(self._open) if left
-        )
+        longest = 0.0
+        for slot, left in enumerate(self._open):
+            if left:
+                longest = max(longest, window(servers[slot], write=write))
         self._cut_at = now + longest
 
 
@@ -196,6 +197,7 @@ class Plans:
         self.cluster = cluster
         self.metrics = metrics
         self.marker = protocol.check_key(key_prefix + MARKER_SUFFIX)
+        self._marker_suffix = b" " + self.marker + b"\r\n"
         self._exptime = exptime
         self._missed = missed
         self._degraded = degraded
@@ -215,44 +217,58 @@ class Plans:
         every live copy, never ending early (a repair pass)."""
         targets = self.targets(key)
         rule = ReadRule(self.cluster, targets, key, self.marker, patient=patient)
-        command = protocol.get(key, self.marker, cas=True)
+        # Built here rather than by protocol.get: the key is storage_key's (prefix and a
+        # hex digest) and the marker was checked once, so no check per read.
+        command = Command(b"gets " + key + self._marker_suffix, ReplyKind.RETRIEVAL)
         if self.cluster.has_udp:
             # memcached 1.6 sends each key of a multi-key get over UDP as a message of
             # its own (both "1 of 1"): UDP reads ask for the session alone, and rely on
             # what this process saw of the server (docs/consistency.md).
-            single = protocol.get(key, cas=True)
+            single = Command(b"gets " + key + b"\r\n", ReplyKind.RETRIEVAL)
             udp = self.cluster.udp_pools
             batch = [(i, command if udp[i] is None else single) for i in targets]
         else:
             batch = [(index, command) for index in targets]
         results = yield Step(batch, rule)
-        copies = {i: c for i, c in zip(targets, rule.copies, strict=True) if c is not None}
+        newest: Record | None = None
+        newest_raw = b""
+        copies: dict[int, Copy] = {}
+        for index, copy, result in zip(targets, rule.copies, results, strict=True):
+            if copy is None:
+                if isinstance(result, ErrorReply):
+                    self._log_error(index, result)
+                continue
+            copies[index] = copy
+            if copy.problem:
+                self._log_corrupt(key, index, copy.problem)
+            record = copy.record
+            if record is not None and (newest is None or record.version > newest.version):
+                newest = record
+                newest_raw = copy.raw
         if not copies:
             raise NoServerAvailableError(
                 "no copy of this session could be read: "
                 + "; ".join(str(result) for result in results)
             )
-        self._log_unreadable(key, targets, results, copies)
-        newest = max(
-            (copy for copy in copies.values() if copy.record is not None),
-            key=lambda copy: copy.record.version,  # type: ignore[union-attr]
-            default=None,
-        )
-        if newest is None or newest.record is None:
+        if newest is None:
             return None
-        record = newest.record
-        self.cluster.clock.observe(record.version)
+        self.cluster.clock.observe(newest.version)
         lagging = {  # server index -> why its copy is rewritten
             index: "missing" if not copy.raw else "corrupt" if copy.record is None else "stale"
             for index, copy in copies.items()
-            if copy.record is None or copy.record.version < record.version
+            if copy.record is None or copy.record.version < newest.version
         }
         if lagging:
-            yield from self._repair(key, newest, lagging, copies)
-        return Found(record, {index: copy.cas for index, copy in copies.items()})
+            yield from self._repair(key, newest, newest_raw, lagging, copies)
+        return Found(newest, {index: copy.cas for index, copy in copies.items()})
 
     def _repair(
-        self, key: bytes, newest: Copy, lagging: dict[int, str], copies: dict[int, Copy]
+        self,
+        key: bytes,
+        newest: Record,
+        raw: bytes,
+        lagging: dict[int, str],
+        copies: dict[int, Copy],
     ) -> Flow[None]:
         servers = self.cluster.servers
         log.info(
@@ -261,35 +277,34 @@ class Plans:
             ", ".join(f"{why} on memcached {servers[i].name}" for i, why in lagging.items()),
         )
         self.metrics.add("repairs", len(lagging))
-        assert newest.record is not None
-        exptime = self._exptime(newest.record.ttl or None)  # 0: a format 1 record
-        batch = [(i, guarded_write(key, newest.raw, copies[i].cas, exptime)) for i in lagging]
+        exptime = self._exptime(newest.ttl or None)  # 0: a format 1 record
+        batch = [(i, guarded_write(key, raw, copies[i].cas, exptime)) for i in lagging]
         yield Step(batch, WriteRule(self.cluster, list(lagging)))
 
-    def _log_unreadable(
-        self, key: bytes, targets: list[int], results: list[Result], copies: dict[int, Copy]
-    ) -> None:
-        servers = self.cluster.servers
-        for index, result in zip(targets, results, strict=True):
-            if isinstance(result, ErrorReply):
-                log.warning("memcached %s: %s %s", servers[index].name, result.kind, result.message)
-            copy = copies.get(index)
-            if copy is not None and copy.problem:
-                self.metrics.add("corrupt_records")
-                log.warning(
-                    "corrupt record for %s on memcached %s, read as no session: %s",
-                    short(key),
-                    servers[index].name,
-                    copy.problem,
-                )
+    def _log_error(self, index: int, reply: ErrorReply) -> None:
+        log.warning(
+            "memcached %s: %s %s", self.cluster.servers[index].name, reply.kind, reply.message
+        )
+
+    def _log_corrupt(self, key: bytes, index: int, problem: str) -> None:
+        self.metrics.add("corrupt_records")
+        log.warning(
+            "corrupt record for %s on memcached %s, read as no session: %s",
+            short(key),
+            self.cluster.servers[index].name,
+            problem,
+        )
 
     # -- writes -----------------------------------------------------------------------
 
-    def write(self, key: bytes, command: Command) -> Flow[list[Result]]:
-        """``command`` (a set, a touch) to every live copy; returns each server's result."""
+    def write(
+        self, key: bytes, command: Command, *, ok: Status = Status.STORED
+    ) -> Flow[list[Result]]:
+        """``command`` (a set, a touch) to every live copy; returns each server's result.
+        A copy that did not answer ``ok`` is handed to ``missed`` for repair."""
         targets = self.targets(key)
         results = yield Step([(i, command) for i in targets], WriteRule(self.cluster, targets))
-        self._note_missed(key, targets, results, ok=_STORED_OR_TOUCHED)
+        self._note_missed(key, targets, results, ok=ok)
         return results
 
     def save(
@@ -323,7 +338,7 @@ class Plans:
             )
             outcome.update(rewritten)
         final = [outcome[i] for i in targets]
-        self._note_missed(key, targets, final, ok=_STORED)
+        self._note_missed(key, targets, final, ok=Status.STORED)
         return final
 
     def _resolve(
@@ -366,10 +381,12 @@ class Plans:
         return outcome
 
     def _note_missed(
-        self, key: bytes, targets: list[int], results: list[Result], *, ok: frozenset[object]
+        self, key: bytes, targets: list[int], results: list[Result], *, ok: Status
     ) -> None:
+        done = [i for i, result in zip(targets, results, strict=True) if result is ok]
+        if len(done) == self.cluster.redundancy:
+            return  # every copy done: the common case
         members = self.cluster.replica_set(key.decode("ascii"))
-        done = {i for i, result in zip(targets, results, strict=True) if result in ok}
         missed = [i for i in members if i not in done]
         if missed and done:
             self._missed(key, missed)
@@ -400,10 +417,6 @@ class Plans:
             if result is Status.STORED or isinstance(result, MemsessError):
                 return result
         return result
-
-
-_STORED: Final = frozenset({Status.STORED})
-_STORED_OR_TOUCHED: Final = frozenset({Status.STORED, Status.TOUCHED})
 
 
 def short(key: bytes) -> str:

@@ -197,9 +197,9 @@ class SessionStore:
         if not is_valid_id(sid):
             return False
         key = storage_key(self.key_prefix, sid)
-        command = protocol.touch(key, self._exptime(ttl))
+        command = protocol.touch(key, self._exptime(None if ttl is None else lifetime_seconds(ttl)))
         self._metrics.add("touches")
-        results = self._run(self._plans.write(key, command))
+        results = self._run(self._plans.write(key, command, ok=Status.TOUCHED))
         return any(result is Status.TOUCHED for result in results)
 
     def delete(self, sid: str) -> None:
@@ -334,8 +334,10 @@ class SessionStore:
             log.warning("undecodable session data for %s, read as no session: %s", short(key), exc)
             return None
 
-    def _exptime(self, ttl: float | None) -> int:
-        seconds = self.ttl if ttl is None else lifetime_seconds(ttl)
+    def _exptime(self, seconds: int | None) -> int:
+        """memcached's exptime for a lifetime of whole ``seconds`` (default: the ttl)."""
+        if seconds is None:
+            seconds = self.ttl
         if seconds > _MAX_RELATIVE_EXPTIME:
             return int(time.time()) + seconds
         return seconds

@@ -40,6 +40,7 @@ _UDP_RECV_SIZE: Final = 65536  # over any datagram's size: a datagram is never c
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
 _POLL_FAILED: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
+_NOT_A_REPLY: Final = (MemsessError, Reconnect)
 
 
 class WaitRule(Protocol):
@@ -170,12 +171,15 @@ class Fanout:
             self._finish(slot, error)
             return
         self._conns[slot] = conn
-        self.exchanges[slot].begin(conn.protocol, reused=conn.reused)
+        exchange = self.exchanges[slot]
+        exchange.begin(conn.protocol, reused=conn.reused)
         if conn.connected:
             self._send(slot, conn)
-            if self.results[slot] is not None or self._conns[slot] is not conn:
+            if self._conns[slot] is not conn:
                 return  # finished, or moved to another connection, while sending
-        self._watch(slot, conn)
+        fd = conn.fd
+        self._by_fd[fd] = slot
+        self._poller.register(fd, _POLLOUT if exchange.out or not conn.connected else _POLLIN)
 
     def _send_datagram(self, slot: int, conn: Connection, read: UdpRead) -> None:
         try:
@@ -259,7 +263,19 @@ class Fanout:
             except OSError as exc:
                 self._act(slot, exchange.failed(exc, "recv"))
                 return
-            self._act(slot, exchange.data_received(data))
+            outcome = exchange.data_received(data)
+            if outcome is None:
+                return
+            if exchange.keep and not isinstance(outcome, _NOT_A_REPLY):
+                # The common case, kept short: a whole reply on a connection worth keeping.
+                fd = conn.fd
+                del self._by_fd[fd]
+                self._poller.unregister(fd)
+                self._conns[slot] = None
+                self._pools[slot].release(conn)
+                self._finish(slot, outcome)
+                return
+            self._act(slot, outcome)
 
     def _send(self, slot: int, conn: Connection) -> None:
         exchange = self.exchanges[slot]

@@ -1,0 +1,134 @@
+"""The rules that decide when a read or a write has heard enough, fed replies by hand:
+no server, no clock (time is an argument)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from memsess.cluster import Cluster
+from memsess.dsn import ServerSpec
+from memsess.errors import TimeoutError
+from memsess.plans import MARKER_SUFFIX, ReadRule, WriteRule
+from memsess.protocol import Item, Status, Values
+from memsess.records import DATA, FLAGS, TOMBSTONE, encode_record
+
+INF = float("inf")
+KEY = b"memsess:" + b"a" * 40
+MARKER = b"memsess:" + MARKER_SUFFIX
+NOW = 100.0
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    # Ports nobody listens on: the rules never touch a socket.
+    specs = [ServerSpec("tcp", "127.0.0.1", port, timeout=0.5) for port in (1, 2, 3)]
+    built = Cluster(specs, redundancy=3)
+    yield built
+    built.close()
+
+
+def copy(version: int, *, kind: int = DATA, marker: int | None = None) -> Values:
+    items = [Item(KEY, FLAGS, encode_record(version, kind, 1, b"\x80", ttl=60), 7)]
+    if marker is not None:
+        items.append(Item(MARKER, 0, b"%d" % marker, 8))
+    return Values(tuple(items))
+
+
+MISS = Values(())
+
+
+def read_rule(cluster: Cluster) -> ReadRule:
+    return ReadRule(cluster, [0, 1, 2], KEY, MARKER)
+
+
+def test_a_miss_never_ends_a_read_while_another_copy_is_silent(cluster: Cluster) -> None:
+    rule = read_rule(cluster)
+    assert rule.on_result(0, MISS, NOW) == INF
+    assert rule.on_result(1, MISS, NOW) == INF
+
+
+def test_a_trusted_copy_gives_the_silent_ones_their_window(cluster: Cluster) -> None:
+    rule = read_rule(cluster)
+    cut_at = rule.on_result(1, copy(50), NOW)
+    assert NOW < cut_at <= NOW + 0.5  # a window, never above the timeout
+    assert rule.on_result(0, MISS, NOW + 0.001) == cut_at  # later answers do not move it
+
+
+def test_a_copy_below_its_servers_trust_floor_does_not_decide_alone(cluster: Cluster) -> None:
+    cluster.raise_trust_floor(1, 60)  # server 1 failed when version 60 was current
+    rule = read_rule(cluster)
+    assert rule.on_result(1, copy(50), NOW) == INF
+    assert rule.on_result(0, copy(70), NOW) < INF  # server 0 never failed: it decides
+
+
+def test_a_marker_on_the_server_raises_its_floor_for_this_read(cluster: Cluster) -> None:
+    rule = read_rule(cluster)
+    assert rule.on_result(1, copy(50, marker=60), NOW) == INF
+    rule = read_rule(cluster)
+    assert rule.on_result(1, copy(61, marker=60), NOW) < INF
+
+
+def test_a_marker_that_is_not_a_number_trusts_nothing(cluster: Cluster) -> None:
+    rule = read_rule(cluster)
+    values = copy(50)
+    hostile = Values((*values.items, Item(MARKER, 0, b"-1\r\nset x", 9)))
+    assert rule.on_result(0, hostile, NOW) == INF
+    copied = rule.copies[0]
+    assert copied is not None
+    assert not copied.trusted
+
+
+def test_a_tombstone_is_a_record_and_decides_like_one(cluster: Cluster) -> None:
+    rule = read_rule(cluster)
+    assert rule.on_result(2, copy(80, kind=TOMBSTONE), NOW) < INF
+
+
+def test_a_corrupt_copy_decides_nothing(cluster: Cluster) -> None:
+    rule = read_rule(cluster)
+    corrupt = Values((Item(KEY, FLAGS, b"\xd5garbage", 1),))
+    assert rule.on_result(0, corrupt, NOW) == INF
+    copied = rule.copies[0]
+    assert copied is not None
+    assert copied.problem
+
+
+def test_a_patient_read_waits_for_every_copy(cluster: Cluster) -> None:
+    rule = ReadRule(cluster, [0, 1, 2], KEY, MARKER, patient=True)
+    assert rule.on_result(0, copy(50), NOW) == INF
+
+
+def test_a_write_waits_for_its_window_after_the_first_answer(cluster: Cluster) -> None:
+    rule = WriteRule(cluster, [0, 1, 2])
+    error = TimeoutError("memcached 127.0.0.1:1: no reply")
+    assert rule.on_result(0, error, NOW) == INF  # an error starts nothing
+    cut_at = rule.on_result(1, Status.STORED, NOW)
+    read_cut = read_rule(cluster).on_result(1, copy(50), NOW)
+    assert cut_at > read_cut  # writes wait longer than reads
+
+
+def test_the_window_adapts_to_latency_and_stays_under_the_timeout(cluster: Cluster) -> None:
+    floor = cluster.window(0, write=False)
+    for _ in range(50):
+        cluster._srtt[0], cluster._rttvar[0] = 0.040, 0.010  # a slow server
+    assert cluster.window(0, write=False) > floor
+    cluster._srtt[0] = 10.0
+    assert cluster.window(0, write=False) == 0.5  # its timeout
+
+
+def test_a_fixed_straggler_window_overrides_the_adaptive_one() -> None:
+    specs = [ServerSpec("tcp", "127.0.0.1", port) for port in (1, 2)]
+    fixed = Cluster(specs, redundancy=2, straggler_window=0.25)
+    assert fixed.window(0, write=False) == fixed.window(1, write=True) == 0.25
+
+
+def test_skewed_weights_still_give_every_key_redundancy_distinct_servers() -> None:
+    specs = [
+        ServerSpec("tcp", "127.0.0.1", 1, weight=100),
+        ServerSpec("tcp", "127.0.0.1", 2, weight=1),
+    ]
+    skewed = Cluster(specs, redundancy=2)
+    for n in range(500):
+        members = skewed.replica_set(f"memsess:{n}")
+        assert sorted(members) == [0, 1]
