@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -61,3 +64,16 @@ def key_of(store: SessionStore, sid: str) -> bytes:
 
 def all_keys(cluster: LocalCluster) -> set[tuple[int, bytes]]:
     return {(server.index, key) for server in cluster.servers for key in cluster.keys(server.index)}
+
+
+@contextmanager
+def cpu_burners(count: int) -> Iterator[None]:
+    """``count`` processes spinning on the CPU while the block runs (a busy host)."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+        for burner in burners:
+            burner.wait()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from conftest import TEST_RETRY_INTERVAL, StoreFactory, key_of, server_indexes
+from conftest import TEST_RETRY_INTERVAL, StoreFactory, cpu_burners, key_of, server_indexes
 
 from memsess import NoServerAvailableError, SessionStore
 from memsess.testing import LocalCluster
@@ -145,10 +145,16 @@ def test_server_restarted_empty_is_refilled_by_read_repair(
     assert all(cluster.get_raw(FAULTY, key_of(store, sid)) is not None for sid in on_restarted)
 
 
+@pytest.mark.parametrize("burners", [0, 3], ids=["quiet", "three-cpu-burners"])
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_eight_threads_of_mixed_traffic_through_a_fault(
-    cluster: LocalCluster, store: SessionStore, fault: str
+    cluster: LocalCluster, store: SessionStore, fault: str, burners: int
 ) -> None:
+    with cpu_burners(burners):
+        _eight_threads_through(cluster, store, fault)
+
+
+def _eight_threads_through(cluster: LocalCluster, store: SessionStore, fault: str) -> None:
     errors: list[BaseException] = []
     expected: list[dict[str, int | None]] = [{} for _ in range(8)]
     stop = threading.Event()
