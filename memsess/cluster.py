@@ -110,8 +110,11 @@ class Cluster:
         self._last_reply = [float("-inf")] * count  # monotonic seconds
         self._srtt = [0.0] * count  # seconds; 0: no round trip measured yet
         self._rttvar = [0.0] * count
-        #: Per server, the version below which its copies need another copy's word.
+        #: Per server, the version below which its copies need another copy's word: as
+        #: this process saw it fail, and as its marker said when last read (and when).
         self.trust_floor = [0] * count
+        self.marker_floor = [0] * count
+        self.marker_due = [0.0] * count  # monotonic seconds
         #: Called (outside any lock) when a server is marked down: the store wakes the
         #: thread that probes it.
         self.on_down: Callable[[], None] = lambda: None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from time import monotonic
 from typing import Final, TypeVar
 
 from memsess import protocol
@@ -28,7 +29,16 @@ from memsess.protocol import Command, ErrorReply, Item, ReplyKind, Status, Value
 from memsess.records import FLAGS, Record, decode_record
 from memsess.transport import Result, WaitRule
 
-__all__ = ["MARKER_SUFFIX", "Copy", "Found", "Plans", "ReadRule", "Step", "WriteRule"]
+__all__ = [
+    "MARKER_MAX_AGE",
+    "MARKER_SUFFIX",
+    "Copy",
+    "Found",
+    "Plans",
+    "ReadRule",
+    "Step",
+    "WriteRule",
+]
 
 log = logging.getLogger("memsess.store")
 
@@ -37,6 +47,8 @@ _INF: Final = float("inf")
 #: The marker key on every server is the store's key prefix plus this. Its value is the
 #: decimal version below which copies on that server may predate a write it missed.
 MARKER_SUFFIX: Final = b"missed-writes"
+#: Seconds a reading of a server's marker is used before a read asks for it again.
+MARKER_MAX_AGE: Final = 1.0
 # A marker that is not a plain number is read as "trust nothing older than anything".
 _UNTRUSTED: Final = 2**64
 _CONFLICT_ROUNDS: Final = 3  # cas retries of one save against concurrent writers
@@ -104,42 +116,55 @@ class ReadRule(_Rule):
     """Reads: conclusive once a trusted copy is in (then the rest get their straggler
     window), else only when every live copy has answered or failed."""
 
-    __slots__ = ("_key", "_marker", "_patient", "copies")
+    __slots__ = ("_key", "_marker_asked", "_patient", "copies")
 
     def __init__(
         self,
         cluster: Cluster,
         servers: list[int],
         key: bytes,
-        marker: bytes,
         *,
+        marker_asked: list[bool] | None = None,
         patient: bool = False,
     ) -> None:
-        """``patient``: never end early (a repair pass wants every copy's answer)."""
+        """``marker_asked``: per server, whether its command also asked for the marker
+        (then its answer, or its absence, refreshes the cluster's copy of it).
+        ``patient``: never end early (a repair pass wants every copy's answer)."""
         super().__init__(cluster, servers)
         self._key = key
-        self._marker = marker
+        self._marker_asked = marker_asked
         self._patient = patient
         self.copies: list[Copy | None] = [None] * len(servers)
 
     def on_result(self, slot: int, result: Result, now: float) -> float:
         self._close(slot)
         if isinstance(result, Values):
-            copy = self.copies[slot] = self._copy(self._servers[slot], result.items)
+            server = self._servers[slot]
+            asked = self._marker_asked is not None and self._marker_asked[slot]
+            copy = self.copies[slot] = self._copy(server, result.items, asked, now)
             if copy.trusted and self._pending and self._cut_at == _INF and not self._patient:
                 self._start_window(now, write=False)
         return self._cut_at
 
-    def _copy(self, server: int, items: tuple[Item, ...]) -> Copy:
-        floor = self._cluster.trust_floor[server]
+    def _copy(self, server: int, items: tuple[Item, ...], asked: bool, now: float) -> Copy:
+        cluster = self._cluster
         found = None
+        marked = 0  # a marker asked for and absent: the server holds none (flushed, new)
         for item in items:
             if item.key == self._key:
                 found = item
             else:  # the marker: the protocol parser admits only keys that were asked for
                 value = item.value
                 marked = int(value) if value.isdigit() and len(value) <= 20 else _UNTRUSTED
-                floor = max(floor, marked)
+        if asked:
+            cluster.marker_floor[server] = marked
+            # Never kept longer than the server's retry interval: a process that saw the
+            # server fail writes its marker no sooner than that after the failure, so a
+            # reading from before the failure has expired by then.
+            cluster.marker_due[server] = now + min(
+                MARKER_MAX_AGE, cluster.servers[server].retry_interval
+            )
+        floor = max(cluster.trust_floor[server], cluster.marker_floor[server])
         if found is None:
             return Copy(None, b"", None, "", trusted=False)
         try:
@@ -216,19 +241,22 @@ class Plans:
         corrupt or older are repaired (cas/add) before it returns. ``patient``: wait for
         every live copy, never ending early (a repair pass)."""
         targets = self.targets(key)
-        rule = ReadRule(self.cluster, targets, key, self.marker, patient=patient)
         # Built here rather than by protocol.get: the key is storage_key's (prefix and a
         # hex digest) and the marker was checked once, so no check per read.
-        command = Command(b"gets " + key + self._marker_suffix, ReplyKind.RETRIEVAL)
-        if self.cluster.has_udp:
-            # memcached 1.6 sends each key of a multi-key get over UDP as a message of
-            # its own (both "1 of 1"): UDP reads ask for the session alone, and rely on
-            # what this process saw of the server (docs/consistency.md).
-            single = Command(b"gets " + key + b"\r\n", ReplyKind.RETRIEVAL)
-            udp = self.cluster.udp_pools
-            batch = [(i, command if udp[i] is None else single) for i in targets]
-        else:
-            batch = [(index, command) for index in targets]
+        command = Command(b"gets " + key + b"\r\n", ReplyKind.RETRIEVAL)
+        batch = [(index, command) for index in targets]
+        # A server's marker is asked for along with the session once its last reading is
+        # MARKER_MAX_AGE old: an extra key costs the server and the parser a little, and
+        # a reply that is more often late for the poll.
+        due = self.cluster.marker_due
+        now = monotonic()
+        asked = [due[index] <= now for index in targets]
+        if any(asked):
+            with_marker = Command(b"gets " + key + self._marker_suffix, ReplyKind.RETRIEVAL)
+            for slot, ask in enumerate(asked):
+                if ask:
+                    batch[slot] = (targets[slot], with_marker)
+        rule = ReadRule(self.cluster, targets, key, marker_asked=asked, patient=patient)
         results = yield Step(batch, rule)
         newest: Record | None = None
         newest_raw = b""
@@ -354,7 +382,7 @@ class Plans:
         """Copies that changed since the load: read them again with ``gets`` and write
         with ``cas`` on what was just read, so a logout landing in between still wins."""
         command = protocol.get(key, cas=True)
-        rule = ReadRule(self.cluster, conflicts, key, self.marker)
+        rule = ReadRule(self.cluster, conflicts, key)
         yield Step([(i, command) for i in conflicts], rule)
         logged_out = [
             copy

@@ -39,8 +39,8 @@ def copy(version: int, *, kind: int = DATA, marker: int | None = None) -> Values
 MISS = Values(())
 
 
-def read_rule(cluster: Cluster) -> ReadRule:
-    return ReadRule(cluster, [0, 1, 2], KEY, MARKER)
+def read_rule(cluster: Cluster, *, marker_asked: bool = True) -> ReadRule:
+    return ReadRule(cluster, [0, 1, 2], KEY, marker_asked=[marker_asked] * 3)
 
 
 def test_a_miss_never_ends_a_read_while_another_copy_is_silent(cluster: Cluster) -> None:
@@ -70,6 +70,17 @@ def test_a_marker_on_the_server_raises_its_floor_for_this_read(cluster: Cluster)
     assert rule.on_result(1, copy(61, marker=60), NOW) < INF
 
 
+def test_a_marker_read_once_counts_for_the_reads_that_do_not_ask_for_it(
+    cluster: Cluster,
+) -> None:
+    assert read_rule(cluster).on_result(1, copy(50, marker=60), NOW) == INF
+    assert cluster.marker_due[1] > NOW
+    later = read_rule(cluster, marker_asked=False)
+    assert later.on_result(1, copy(55), NOW + 0.1) == INF  # still under the marker
+    again = read_rule(cluster)  # asked again, and gone (the server was flushed)
+    assert again.on_result(1, copy(55), NOW + 2) < INF
+
+
 def test_a_marker_that_is_not_a_number_trusts_nothing(cluster: Cluster) -> None:
     rule = read_rule(cluster)
     values = copy(50)
@@ -95,7 +106,7 @@ def test_a_corrupt_copy_decides_nothing(cluster: Cluster) -> None:
 
 
 def test_a_patient_read_waits_for_every_copy(cluster: Cluster) -> None:
-    rule = ReadRule(cluster, [0, 1, 2], KEY, MARKER, patient=True)
+    rule = ReadRule(cluster, [0, 1, 2], KEY, patient=True)
     assert rule.on_result(0, copy(50), NOW) == INF
 
 

@@ -235,6 +235,9 @@ class UdpRoutes:
             udp is None
             or command.kind is not _RETRIEVAL
             or len(command.data) > MAX_DATAGRAM - _HEADER_SIZE
+            # memcached 1.6 answers each key of a multi-key get over UDP as a message
+            # of its own, each framed "1 of 1": those go over TCP.
+            or command.data.count(b" ") != 1
             or not (udp.state.on or udp.usable())
         ):
             return None
