@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-smoke clean
+.PHONY: setup demo test lint soak bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# Minutes of random single-server faults under two processes of session traffic,
+# with a checker of every answer (tests/nemesis.py): `make soak NEMESIS_SECONDS=600`.
+NEMESIS_SECONDS ?= 180
+soak: setup
+	NEMESIS_SECONDS=$(NEMESIS_SECONDS) $(BIN)/pytest -q -s tests/test_nemesis.py
 
 bench: setup
 	$(BIN)/pip install -q -e '.[bench,plot]'

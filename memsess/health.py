@@ -120,9 +120,10 @@ READ_WINDOW_FLOOR: Final = 0.010
 #: Writes wait longer: a write cut off is a copy missing until a repair lands, and
 #: under CPU load that must stay rare (redundancy must not drop silently).
 WRITE_WINDOW_FLOOR: Final = 0.050
-#: A server that already failed recently (SUSPECT) gets only this: while one hangs,
-#: every request that includes it would otherwise pay the full window until it is
-#: marked down.
+#: A server that already failed recently (SUSPECT) gets this, whatever its round trip:
+#: while one hangs, every request that includes it pays it until it is marked down
+#: (0.25 s of silence at least). A healthy server answers within it (its replies arrive
+#: microseconds after the others'), and its next reply makes it UP again.
 SUSPECT_WINDOW_FLOOR: Final = 0.002
 #: The window is this many times the server's high-percentile round trip (smoothed
 #: round trip + 4 deviations, RFC 6298's retransmission timeout formula).
@@ -141,10 +142,9 @@ def straggler_window(
     health: Health, srtt: float, rttvar: float, *, write: bool, timeout: float
 ) -> float:
     """Seconds a silent server gets once the others' answers are conclusive: a multiple
-    of its recent high-percentile round trip, above a floor for its state, never above
-    its ``timeout``."""
-    if health.state is State.UP:
-        floor = WRITE_WINDOW_FLOOR if write else READ_WINDOW_FLOOR
-    else:
-        floor = SUSPECT_WINDOW_FLOOR
+    of its recent high-percentile round trip above a floor, never above its ``timeout``;
+    a server that failed recently gets SUSPECT_WINDOW_FLOOR."""
+    if health.state is not State.UP:
+        return min(timeout, SUSPECT_WINDOW_FLOOR)
+    floor = WRITE_WINDOW_FLOOR if write else READ_WINDOW_FLOOR
     return min(timeout, max(floor, WINDOW_MULTIPLE * (srtt + 4 * rttvar)))
