@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from time import monotonic
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from memsess import protocol
 from memsess.cluster import Cluster
@@ -55,8 +54,11 @@ _CONFLICT_ROUNDS: Final = 3  # cas retries of one save against concurrent writer
 _CONFLICTS: Final = frozenset({Status.EXISTS, Status.NOT_STORED, Status.NOT_FOUND})
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+# NamedTuples rather than frozen dataclasses: several are made per request, and a
+# frozen dataclass's __init__ sets each field through object.__setattr__.
+
+
+class Step(NamedTuple):
     """One batch to run at once, and the rule saying when it has heard enough."""
 
     batch: list[tuple[int, Command]]
@@ -67,8 +69,7 @@ class Step:
 Flow = Generator[Step, list[Result], T]
 
 
-@dataclass(frozen=True, slots=True)
-class Copy:
+class Copy(NamedTuple):
     """One server's answer to a read of one session."""
 
     record: Record | None  # None: no item, or an item that is not an intact record
@@ -78,8 +79,7 @@ class Copy:
     trusted: bool  # may decide the read alone (see the module docstring)
 
 
-@dataclass(frozen=True, slots=True)
-class Found:
+class Found(NamedTuple):
     """What a read concluded: the newest record, and each answering server's cas token."""
 
     record: Record
@@ -166,12 +166,12 @@ class ReadRule(_Rule):
             )
         floor = max(cluster.trust_floor[server], cluster.marker_floor[server])
         if found is None:
-            return Copy(None, b"", None, "", trusted=False)
+            return Copy(None, b"", None, "", False)
         try:
             record = decode_record(found.value, found.flags)
         except ValueError as exc:
-            return Copy(None, found.value, found.cas, str(exc) or "unreadable", trusted=False)
-        return Copy(record, found.value, found.cas, "", trusted=record.version >= floor)
+            return Copy(None, found.value, found.cas, str(exc) or "unreadable", False)
+        return Copy(record, found.value, found.cas, "", record.version >= floor)
 
 
 class WriteRule(_Rule):

@@ -14,8 +14,7 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from memsess._forksafe import renew_locks_after_fork
 from memsess.errors import SessionIdError
@@ -45,8 +44,9 @@ _MAGIC: Final = 0xD5
 # (no lifetime: repaired with the reader's default ttl) are still read.
 _FORMAT: Final = 2
 _FORMAT_1: Final = 1
-_PREFIX: Final = struct.Struct(">BBBBQ")  # magic, format, kind, serializer id, version
 _HEADER: Final = struct.Struct(">BBBBQII")  # ... then lifetime (s), CRC-32
+_CHECKED: Final = struct.Struct(">BBBBQI")  # format 2: what the CRC covers before the payload
+_CRC: Final = struct.Struct(">I")
 _HEADER_1: Final = struct.Struct(">BBBBQI")  # ... then CRC-32 of the payload
 HEADER_SIZE: Final = _HEADER.size
 DATA: Final = 0
@@ -86,9 +86,9 @@ def storage_key(prefix: bytes, sid: str) -> bytes:
     return prefix + digest.encode("ascii")
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One decoded copy: its version and either a payload or a tombstone."""
+class Record(NamedTuple):
+    """One decoded copy: its version and either a payload or a tombstone. (A NamedTuple:
+    one is made for every copy read, and a frozen dataclass is slower to build.)"""
 
     version: int
     kind: int  # DATA or TOMBSTONE
@@ -105,9 +105,8 @@ def encode_record(
     version: int, kind: int, serializer_id: int, payload: bytes = b"", *, ttl: int = 0
 ) -> bytes:
     """The stored bytes of a record; ``ttl``: the session's lifetime in seconds."""
-    prefix = _PREFIX.pack(_MAGIC, _FORMAT, kind, serializer_id, version)
-    crc = zlib.crc32(payload, zlib.crc32(struct.pack(">I", ttl), zlib.crc32(prefix)))
-    return prefix + struct.pack(">II", ttl, crc) + payload
+    checked = _CHECKED.pack(_MAGIC, _FORMAT, kind, serializer_id, version, ttl)
+    return checked + _CRC.pack(zlib.crc32(payload, zlib.crc32(checked))) + payload
 
 
 def lifetime_seconds(ttl: object, *, name: str = "ttl") -> int:
@@ -131,23 +130,22 @@ def decode_record(raw: bytes, flags: int, *, now_us: int | None = None) -> Recor
     VersionClock writes it, so the record is corrupt."""
     if flags != FLAGS:
         raise ValueError(f"foreign item (flags {flags}, expected {FLAGS})")
-    if len(raw) < _HEADER_1.size:
+    if len(raw) >= HEADER_SIZE and raw[1] == _FORMAT:
+        magic, _, kind, serializer_id, version, ttl, crc = _HEADER.unpack_from(raw)
+        payload = raw[HEADER_SIZE:]
+        checked = zlib.crc32(payload, zlib.crc32(raw[: HEADER_SIZE - 4]))
+    elif len(raw) >= _HEADER_1.size and raw[1] == _FORMAT_1:
+        magic, _, kind, serializer_id, version, crc = _HEADER_1.unpack_from(raw)
+        ttl, payload = 0, raw[_HEADER_1.size :]
+        checked = zlib.crc32(payload)
+    elif len(raw) < _HEADER_1.size:
         raise ValueError(f"record of {len(raw)} bytes is shorter than its header")
-    magic, fmt, kind, serializer_id, version = _PREFIX.unpack_from(raw)
-    if magic != _MAGIC or fmt not in (_FORMAT, _FORMAT_1):
+    else:
+        raise ValueError("bad record magic or format")
+    if magic != _MAGIC:
         raise ValueError("bad record magic or format")
     if kind not in (DATA, TOMBSTONE):
         raise ValueError(f"unknown record kind {kind}")
-    if fmt == _FORMAT_1:
-        ttl, crc = 0, _HEADER_1.unpack_from(raw)[-1]
-        payload = raw[_HEADER_1.size :]
-        checked = zlib.crc32(payload)
-    else:
-        if len(raw) < HEADER_SIZE:
-            raise ValueError(f"record of {len(raw)} bytes is shorter than its header")
-        ttl, crc = _HEADER.unpack_from(raw)[-2:]
-        payload = raw[HEADER_SIZE:]
-        checked = zlib.crc32(payload, zlib.crc32(raw[: HEADER_SIZE - 4]))
     if checked != crc:
         raise ValueError("record checksum mismatch")
     if now_us is None:
