@@ -28,11 +28,10 @@ from memsess.health import (
     claim_probe,
     on_failure,
     on_success,
-    rtt_sample,
     straggler_window,
 )
 from memsess.metrics import Metrics
-from memsess.protocol import Command
+from memsess.protocol import Command, ErrorReply, Status, Values, Version
 from memsess.records import VersionClock
 from memsess.transport import (
     DatagramLostError,
@@ -45,6 +44,11 @@ from memsess.transport import (
 )
 
 __all__ = ["Cluster", "ServerStatus"]
+
+# The round trip assumed before the first reply (seconds): a LAN's, well under any floor.
+_PRIOR_RTT = 0.0005
+# The classes of a server's reply (not an error): the fast path of Cluster.execute.
+_REPLIES = frozenset({Values, Status, Version, ErrorReply})
 
 log = logging.getLogger("memsess.cluster")
 
@@ -108,8 +112,10 @@ class Cluster:
         count = len(self.servers)
         self._health = [Health(since=monotonic()) for _ in range(count)]
         self._last_reply = [float("-inf")] * count  # monotonic seconds
-        self._srtt = [0.0] * count  # seconds; 0: no round trip measured yet
-        self._rttvar = [0.0] * count
+        # Seconds; a prior of a LAN's round trip until replies say otherwise.
+        self._srtt = [_PRIOR_RTT] * count
+        self._rttvar = [_PRIOR_RTT / 2] * count
+        self._clean = [True] * count  # UP without a failure: no health to record on a reply
         #: Per server, the version below which its copies need another copy's word: as
         #: this process saw it fail, and as its marker said when last read (and when).
         self.trust_floor = [0] * count
@@ -164,32 +170,39 @@ class Cluster:
             self._routes,
         ).run()
         results: list[Result] = run.results  # type: ignore[assignment]  # all filled
-        health = self._health
+        exchanges = run.exchanges
+        clean = self._clean
+        srtts, rttvars = self._srtt, self._rttvar
         now = monotonic()
         for slot, (index, _) in enumerate(batch):
             result = results[slot]
-            if isinstance(result, DatagramLostError):
-                continue  # a lost datagram says nothing about the server
-            if run.exchanges[slot].retried:
-                # A pooled connection went stale: the server may have restarted, empty.
-                self.raise_trust_floor(index)
-            if isinstance(result, MemsessError):
-                self.raise_trust_floor(index)
-                if record:
-                    self.record(index, result)
+            if result.__class__ not in _REPLIES or exchanges[slot].retried:
+                self._account(index, result, exchanges[slot].retried, record=record)
                 continue
-            # Float stores, each atomic: no lock (a lost sample in a race is harmless).
+            # A reply. Float stores, each atomic: no lock (a sample lost in a race is
+            # harmless). RFC 6298's update (health.rtt_sample), inlined: every reply runs it.
             self._last_reply[index] = now
-            srtt = self._srtt[index]
-            if srtt:  # rtt_sample, inlined: this runs for every reply
-                sample = run.latency[slot]
-                self._rttvar[index] += (abs(srtt - sample) - self._rttvar[index]) / 4
-                self._srtt[index] = srtt + (sample - srtt) / 8
-            else:
-                self._srtt[index], self._rttvar[index] = rtt_sample(0.0, 0.0, run.latency[slot])
-            if record and (health[index].failures or not health[index].usable):
+            srtt = srtts[index]
+            rttvar = rttvars[index]
+            diff = run.latency[slot] - srtt
+            srtts[index] = srtt + diff / 8
+            rttvars[index] = rttvar + ((diff if diff > 0 else -diff) - rttvar) / 4
+            if record and not clean[index]:
                 self.record(index, result)
         return results
+
+    def _account(self, index: int, result: Result, reset: bool, *, record: bool) -> None:
+        """The uncommon outcomes of one server: an error, or a reply after a reset."""
+        if isinstance(result, DatagramLostError):
+            return  # a lost datagram says nothing about the server
+        if reset or isinstance(result, MemsessError):
+            # A failure, or a pooled connection gone stale (the server may have restarted,
+            # empty): its copies may predate a write it missed.
+            self.raise_trust_floor(index)
+        if not isinstance(result, MemsessError):
+            self._last_reply[index] = monotonic()
+        if record:
+            self.record(index, result)
 
     def raise_trust_floor(self, index: int, version: int | None = None) -> None:
         """From now on a copy on server ``index`` older than ``version`` (default: now)
@@ -215,6 +228,7 @@ class Cluster:
                 )
                 if probing is not None:
                     self._health[index] = probing
+                    self._clean[index] = False
                     claimed.append(index)
         return claimed
 
@@ -237,6 +251,7 @@ class Cluster:
             else:
                 after = on_success(before, now)
             self._health[index] = after
+            self._clean[index] = after.state is State.UP and not after.failures
         if after.state is not before.state:
             # A failed probe (probing -> down) repeats every retry interval while
             # a server stays down: neither a change worth counting nor logging.

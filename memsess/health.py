@@ -23,7 +23,6 @@ __all__ = [
     "claim_probe",
     "on_failure",
     "on_success",
-    "rtt_sample",
     "straggler_window",
 ]
 
@@ -125,17 +124,10 @@ WRITE_WINDOW_FLOOR: Final = 0.050
 #: (0.25 s of silence at least). A healthy server answers within it (its replies arrive
 #: microseconds after the others'), and its next reply makes it UP again.
 SUSPECT_WINDOW_FLOOR: Final = 0.002
-#: The window is this many times the server's high-percentile round trip (smoothed
-#: round trip + 4 deviations, RFC 6298's retransmission timeout formula).
+#: The window is this many times the server's high-percentile round trip: the smoothed
+#: round trip + 4 mean deviations, RFC 6298's retransmission timeout formula, updated by
+#: Cluster.execute on every reply (gains 1/8 and 1/4, RFC 6298 section 2).
 WINDOW_MULTIPLE: Final = 4.0
-
-
-def rtt_sample(srtt: float, rttvar: float, sample: float) -> tuple[float, float]:
-    """RFC 6298 section 2: the smoothed round trip and its mean deviation after one
-    more ``sample`` (seconds); ``srtt == 0`` means no sample yet."""
-    if srtt == 0.0:
-        return sample, sample / 2
-    return srtt + (sample - srtt) / 8, rttvar + (abs(srtt - sample) - rttvar) / 4
 
 
 def straggler_window(

@@ -98,11 +98,7 @@ class _Rule:
         self._pending = len(servers)
         self._cut_at = _INF
 
-    def _close(self, slot: int) -> None:
-        self._open[slot] = False
-        self._pending -= 1
-
-    def _start_window(self, now: float, *, write: bool) -> None:
+    def _start_window(self, now: float, write: bool) -> None:
         window = self._cluster.window
         servers = self._servers
         longest = 0.0
@@ -130,33 +126,40 @@ class ReadRule(_Rule):
         """``marker_asked``: per server, whether its command also asked for the marker
         (then its answer, or its absence, refreshes the cluster's copy of it).
         ``patient``: never end early (a repair pass wants every copy's answer)."""
-        super().__init__(cluster, servers)
+        # _Rule.__init__ inlined: one is made for every read.
+        count = len(servers)
+        self._cluster = cluster
+        self._servers = servers
+        self._open = [True] * count
+        self._pending = count
+        self._cut_at = _INF
         self._key = key
         self._marker_asked = marker_asked
         self._patient = patient
-        self.copies: list[Copy | None] = [None] * len(servers)
+        self.copies: list[Copy | None] = [None] * count
 
     def on_result(self, slot: int, result: Result, now: float) -> float:
-        self._close(slot)
-        if isinstance(result, Values):
-            server = self._servers[slot]
+        self._open[slot] = False
+        self._pending -= 1
+        if result.__class__ is Values:
             asked = self._marker_asked is not None and self._marker_asked[slot]
-            copy = self.copies[slot] = self._copy(server, result.items, asked, now)
+            items = result.items
+            copy = self.copies[slot] = self._copy(self._servers[slot], items, asked, now)
             if copy.trusted and self._pending and self._cut_at == _INF and not self._patient:
-                self._start_window(now, write=False)
+                self._start_window(now, False)
         return self._cut_at
 
     def _copy(self, server: int, items: tuple[Item, ...], asked: bool, now: float) -> Copy:
         cluster = self._cluster
-        found = None
-        marked = 0  # a marker asked for and absent: the server holds none (flushed, new)
-        for item in items:
-            if item.key == self._key:
-                found = item
-            else:  # the marker: the protocol parser admits only keys that were asked for
-                value = item.value
-                marked = int(value) if value.isdigit() and len(value) <= 20 else _UNTRUSTED
         if asked:
+            found = None
+            marked = 0  # a marker asked for and absent: the server holds none (flushed, new)
+            for item in items:
+                if item.key == self._key:
+                    found = item
+                else:  # the marker: the parser admits only keys that were asked for
+                    value = item.value
+                    marked = int(value) if value.isdigit() and len(value) <= 20 else _UNTRUSTED
             cluster.marker_floor[server] = marked
             # Never kept longer than the server's retry interval: a process that saw the
             # server fail writes its marker no sooner than that after the failure, so a
@@ -164,14 +167,17 @@ class ReadRule(_Rule):
             cluster.marker_due[server] = now + min(
                 MARKER_MAX_AGE, cluster.servers[server].retry_interval
             )
-        floor = max(cluster.trust_floor[server], cluster.marker_floor[server])
+        else:  # only the session was asked for: the parser admits no other key
+            found = items[0] if items else None
         if found is None:
             return Copy(None, b"", None, "", False)
         try:
             record = decode_record(found.value, found.flags)
         except ValueError as exc:
             return Copy(None, found.value, found.cas, str(exc) or "unreadable", False)
-        return Copy(record, found.value, found.cas, "", record.version >= floor)
+        version = record.version
+        trusted = version >= cluster.trust_floor[server] and version >= cluster.marker_floor[server]
+        return Copy(record, found.value, found.cas, "", trusted)
 
 
 class WriteRule(_Rule):
@@ -181,9 +187,10 @@ class WriteRule(_Rule):
     __slots__ = ()
 
     def on_result(self, slot: int, result: Result, now: float) -> float:
-        self._close(slot)
+        self._open[slot] = False
+        self._pending -= 1
         if self._pending and self._cut_at == _INF and not isinstance(result, MemsessError):
-            self._start_window(now, write=True)
+            self._start_window(now, True)
         return self._cut_at
 
 
@@ -348,12 +355,13 @@ class Plans:
         version and cas tokens the session was loaded with) each copy is written only
         if unchanged since (cas/add): a copy changed meanwhile is read again, a newer
         logout found there wins (SessionGoneError), anything else older is overwritten."""
-        if since is None:
-            return (
-                yield from self.write(key, protocol.set(key, record, flags=FLAGS, exptime=exptime))
-            )
-        loaded_version, tokens = since
         targets = self.targets(key)
+        if since is None:  # self.write, inlined: one generator less per save
+            command = protocol.set(key, record, flags=FLAGS, exptime=exptime)
+            results = yield Step([(i, command) for i in targets], WriteRule(self.cluster, targets))
+            self._note_missed(key, targets, results, ok=Status.STORED)
+            return results
+        loaded_version, tokens = since
         batch = [(i, guarded_write(key, record, tokens.get(i), exptime)) for i in targets]
         results = yield Step(batch, WriteRule(self.cluster, targets))
         outcome = dict(zip(targets, results, strict=True))

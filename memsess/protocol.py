@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, NoReturn, TypeAlias
+from typing import Final, NamedTuple, NoReturn, TypeAlias
 
 from memsess.errors import ConnectionClosedError, InvalidKeyError, ProtocolError, ServerError
 
@@ -56,8 +56,12 @@ class ReplyKind(enum.Enum):
     __hash__ = object.__hash__
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+# Command, Item and Values are NamedTuples: one or more of each is made per request, and
+# a frozen dataclass sets every field through object.__setattr__ (two to three times the
+# cost, measured in bench/hotpaths.py).
+
+
+class Command(NamedTuple):
     """A command ready to write: its exact bytes and the kind of reply it expects."""
 
     data: bytes
@@ -165,8 +169,7 @@ class NeedData(enum.Enum):
 NEED_DATA: Final = NeedData.NEED_DATA
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+class Item(NamedTuple):
     """One item of a get reply; ``cas`` is its cas unique (None unless read by ``gets``)."""
 
     key: bytes
@@ -175,8 +178,7 @@ class Item:
     cas: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class Values:
+class Values(NamedTuple):
     """The reply to a get: the items found, in the server's order (empty: all missed)."""
 
     items: tuple[Item, ...]

@@ -130,34 +130,44 @@ def decode_record(raw: bytes, flags: int, *, now_us: int | None = None) -> Recor
     VersionClock writes it, so the record is corrupt."""
     if flags != FLAGS:
         raise ValueError(f"foreign item (flags {flags}, expected {FLAGS})")
-    if len(raw) >= HEADER_SIZE and raw[1] == _FORMAT:
-        magic, _, kind, serializer_id, version, ttl, crc = _HEADER.unpack_from(raw)
-        payload = raw[HEADER_SIZE:]
-        checked = zlib.crc32(payload, zlib.crc32(raw[: HEADER_SIZE - 4]))
-    elif len(raw) >= _HEADER_1.size and raw[1] == _FORMAT_1:
-        magic, _, kind, serializer_id, version, crc = _HEADER_1.unpack_from(raw)
-        ttl, payload = 0, raw[_HEADER_1.size :]
-        checked = zlib.crc32(payload)
-    elif len(raw) < _HEADER_1.size:
+    if len(raw) < HEADER_SIZE or raw[1] != _FORMAT:
+        return _decode_other(raw, now_us)
+    magic, _, kind, serializer_id, version, ttl, crc = _HEADER.unpack_from(raw)
+    payload = raw[HEADER_SIZE:]
+    if magic != _MAGIC or kind > TOMBSTONE:
+        raise ValueError("bad record magic" if magic != _MAGIC else f"unknown record kind {kind}")
+    if zlib.crc32(payload, zlib.crc32(raw[: HEADER_SIZE - 4])) != crc:
+        raise ValueError("record checksum mismatch")
+    if now_us is None and 0 < version <= _bound[0]:
+        return Record(version, kind, serializer_id, payload, ttl)  # the common case
+    _check_version(version, now_us)
+    return Record(version, kind, serializer_id, payload, ttl)
+
+
+def _decode_other(raw: bytes, now_us: int | None) -> Record:
+    """A format 1 record (no lifetime), or the error that says what is wrong."""
+    if len(raw) < _HEADER_1.size:
         raise ValueError(f"record of {len(raw)} bytes is shorter than its header")
-    else:
-        raise ValueError("bad record magic or format")
-    if magic != _MAGIC:
+    magic, fmt, kind, serializer_id, version, crc = _HEADER_1.unpack_from(raw)
+    if magic != _MAGIC or fmt != _FORMAT_1:
         raise ValueError("bad record magic or format")
     if kind not in (DATA, TOMBSTONE):
         raise ValueError(f"unknown record kind {kind}")
-    if checked != crc:
+    payload = raw[_HEADER_1.size :]
+    if zlib.crc32(payload) != crc:
         raise ValueError("record checksum mismatch")
+    _check_version(version, now_us)
+    return Record(version, kind, serializer_id, payload, 0)
+
+
+def _check_version(version: int, now_us: int | None) -> None:
     if now_us is None:
-        if 0 < version <= _bound[0]:  # the common case: under a bound taken earlier
-            return Record(version, kind, serializer_id, payload, ttl)
         now_us = time.time_ns() // 1000
         _bound[0] = now_us + _MAX_SKEW_US
     if not 0 < version <= now_us + _MAX_SKEW_US:
         raise ValueError(
             f"impossible version {version}: 0, or over {MAX_CLOCK_SKEW} s ahead of this clock"
         )
-    return Record(version, kind, serializer_id, payload, ttl)
 
 
 class VersionClock:

@@ -301,7 +301,10 @@ class SessionStore:
     def _require_stored(self, results: list[Result], operation: str) -> None:
         """Raise WriteError when no copy was stored; count (and log what is new
         about) a write that reached fewer copies than the redundancy."""
-        stored = sum(result is Status.STORED for result in results)
+        stored = 0
+        for result in results:
+            if result is Status.STORED:
+                stored += 1
         if not stored:
             raise WriteError(
                 f"{operation}: no copy could be stored: "

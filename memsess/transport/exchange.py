@@ -46,6 +46,7 @@ class Reconnect:
 
 
 RECONNECT: Final = Reconnect()
+_NO_PROTOCOL: Final = ClientProtocol()
 
 Outcome: TypeAlias = Reply | MemsessError | Reconnect | None
 
@@ -62,9 +63,9 @@ class Exchange:
     """One command on its way to one server over a stream connection.
 
     ``index`` is the server's place in the cluster, ``deadline`` the monotonic time (s)
-    after which it has failed. After a Reply, ``keep`` says whether the connection may be
-    pooled again: not after ERROR or CLIENT_ERROR, since the server may have skipped or
-    kept part of our bytes.
+    after which it has failed. ``keep`` is set by a Reply the connection may be pooled
+    again after: not ERROR or CLIENT_ERROR, since the server may have skipped or kept
+    part of our bytes.
     """
 
     __slots__ = (
@@ -90,7 +91,7 @@ class Exchange:
         self.received = False
         self.reused = False
         self.retried = False
-        self.protocol: ClientProtocol | None = None
+        self.protocol = _NO_PROTOCOL  # until begin()
 
     def begin(self, protocol: ClientProtocol, *, reused: bool) -> bytes:
         """Start on a connection whose parser is ``protocol``; returns the bytes to write.
@@ -115,7 +116,6 @@ class Exchange:
                 return self._retry_once("closed the connection")
             return ConnectionClosedError(self._msg("closed the connection mid-reply"))
         protocol = self.protocol
-        assert protocol is not None
         self.received = True
         protocol.receive_data(data)
         try:
@@ -124,8 +124,8 @@ class Exchange:
             return exc
         if reply is NEED_DATA:
             return None
-        assert not isinstance(reply, type(NEED_DATA))
-        self.keep = not (isinstance(reply, ErrorReply) and reply.kind != "SERVER_ERROR")
+        # True only here, for a reply: the driver pools the connection again when set.
+        self.keep = reply.__class__ is not ErrorReply or reply.kind == "SERVER_ERROR"
         return reply
 
     def failed(self, exc: OSError, operation: str) -> Outcome:

@@ -35,12 +35,14 @@ log = logging.getLogger("memsess.transport")
 DEFAULT_STRAGGLER_WINDOW: Final = 0.005
 
 _INF: Final = float("inf")
-_RECV_SIZE: Final = 262144
+# Bytes asked of one recv. Under glibc's mmap threshold (128 KiB): recv(n) allocates n
+# bytes before it reads, and 256 KiB cost an mmap, an mremap and a munmap per call (three
+# system calls around every reply, seen with strace -c); a larger reply takes more calls.
+_RECV_SIZE: Final = 65536
 _UDP_RECV_SIZE: Final = 65536  # over any datagram's size: a datagram is never cut by recv
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
 _POLL_FAILED: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
-_NOT_A_REPLY: Final = (MemsessError, Reconnect)
 
 
 class WaitRule(Protocol):
@@ -96,6 +98,7 @@ class Fanout:
         "_by_fd",
         "_conns",
         "_cut_at",
+        "_first_deadline",
         "_poller",
         "_pools",
         "_routes",
@@ -130,12 +133,16 @@ class Fanout:
             Exchange(slot, pool.spec, command, start + pool.spec.timeout)
             for slot, (pool, command) in enumerate(zip(pools, commands, strict=True))
         ]
+        self._first_deadline = min(exchange.deadline for exchange in self.exchanges)
 
     def run(self) -> Fanout:
+        begin = self._open_stream if self._routes is None else self._begin
         for slot in range(len(self.exchanges)):
-            self._begin(slot)
-        while self._by_fd:
-            self._wait()
+            begin(slot)
+        by_fd = self._by_fd
+        wait = self._wait
+        while by_fd:
+            wait()
         return self
 
     # -- starting ------------------------------------------------------------------------
@@ -156,9 +163,9 @@ class Fanout:
                 self._conns[slot] = conn
                 self._send_datagram(slot, conn, read)
                 return
-        self._open_stream(slot, fresh=False)
+        self._open_stream(slot)
 
-    def _open_stream(self, slot: int, *, fresh: bool) -> None:
+    def _open_stream(self, slot: int, fresh: bool = False) -> None:
         pool = self._pools[slot]
         try:
             conn = pool.open() if fresh else pool.acquire()
@@ -172,11 +179,17 @@ class Fanout:
             return
         self._conns[slot] = conn
         exchange = self.exchanges[slot]
-        exchange.begin(conn.protocol, reused=conn.reused)
+        out = exchange.begin(conn.protocol, reused=conn.reused)
         if conn.connected:
-            self._send(slot, conn)
-            if self._conns[slot] is not conn:
-                return  # finished, or moved to another connection, while sending
+            try:
+                sent = conn.sock.send(out)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._act(slot, exchange.failed(exc, "send"))
+                return  # finished, or moved to another connection
+            if sent:
+                exchange.sent(sent)
         fd = conn.fd
         self._by_fd[fd] = slot
         self._poller.register(fd, _POLLOUT if exchange.out or not conn.connected else _POLLIN)
@@ -219,13 +232,17 @@ class Fanout:
         return conn
 
     def _wait(self) -> None:
-        exchanges = self.exchanges
-        udp = self._udp
         limit = self._cut_at
-        for slot in self._by_fd.values():
-            pending = udp[slot]
-            deadline = exchanges[slot].deadline if pending is None else pending[1].deadline
-            limit = min(limit, deadline)
+        if self._routes is None:
+            # Stream deadlines never move: the earliest of all is a bound that is never late.
+            limit = min(limit, self._first_deadline)
+        else:
+            exchanges = self.exchanges
+            udp = self._udp
+            for slot in self._by_fd.values():
+                pending = udp[slot]
+                deadline = exchanges[slot].deadline if pending is None else pending[1].deadline
+                limit = min(limit, deadline)
         wait_ms = max(0, ceil((limit - monotonic()) * 1000))
         events = self._poller.poll(wait_ms)
         for fd, mask in events:
@@ -238,8 +255,7 @@ class Fanout:
             self._expire(monotonic())
 
     def _step(self, slot: int, mask: int) -> None:
-        conn = self._conns[slot]
-        assert conn is not None
+        conn: Connection = self._conns[slot]  # type: ignore[assignment]  # polled: it has one
         udp = self._udp[slot]
         if udp is not None:
             self._step_udp(slot, conn, *udp)
@@ -266,14 +282,18 @@ class Fanout:
             outcome = exchange.data_received(data)
             if outcome is None:
                 return
-            if exchange.keep and not isinstance(outcome, _NOT_A_REPLY):
+            if exchange.keep:  # (then outcome is the Reply)
                 # The common case, kept short: a whole reply on a connection worth keeping.
+                reply: Result = outcome  # type: ignore[assignment]
                 fd = conn.fd
                 del self._by_fd[fd]
                 self._poller.unregister(fd)
                 self._conns[slot] = None
                 self._pools[slot].release(conn)
-                self._finish(slot, outcome)
+                now = monotonic()  # _finish, inlined
+                self.results[slot] = reply
+                self.latency[slot] = now - self._start
+                self._cut_at = self._rule.on_result(slot, reply, now)
                 return
             self._act(slot, outcome)
 
@@ -296,7 +316,7 @@ class Fanout:
             conn = self._unwatch(slot)
             if conn is not None:
                 conn.close()
-            self._open_stream(slot, fresh=True)
+            self._open_stream(slot, True)
             return
         keep = not isinstance(outcome, MemsessError) and self.exchanges[slot].keep
         self._end(slot, outcome, keep=keep)
@@ -342,7 +362,7 @@ class Fanout:
             cause = "nothing listens on the UDP port (refused)" if refused else f"UDP: {cause}"
         log.debug("memcached %s: read retried over TCP: %s", udp[0].spec.name, cause)
         udp[0].record_loss(cause, refused=refused)
-        self._open_stream(slot, fresh=False)
+        self._open_stream(slot)
 
     def _expire(self, now: float) -> None:
         cut_at = self._cut_at
