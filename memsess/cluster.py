@@ -45,6 +45,8 @@ from memsess.transport import (
 
 __all__ = ["Cluster", "ServerStatus"]
 
+# Batches between two recomputations of every server's straggler windows.
+_WINDOW_REFRESH = 64
 # The round trip assumed before the first reply (seconds): a LAN's, well under any floor.
 _PRIOR_RTT = 0.0005
 # The classes of a server's reply (not an error): the fast path of Cluster.execute.
@@ -116,6 +118,11 @@ class Cluster:
         self._srtt = [_PRIOR_RTT] * count
         self._rttvar = [_PRIOR_RTT / 2] * count
         self._clean = [True] * count  # UP without a failure: no health to record on a reply
+        #: Per server, the straggler windows (seconds) the plans use: recomputed after a
+        #: change of health and every _WINDOW_REFRESH batches (round trips drift slowly).
+        self.read_windows = [0.0] * count
+        self.write_windows = [0.0] * count
+        self._batches = 0
         #: Per server, the version below which its copies need another copy's word: as
         #: this process saw it fail, and as its marker said when last read (and when).
         self.trust_floor = [0] * count
@@ -127,6 +134,7 @@ class Cluster:
         self._lock = threading.Lock()
         renew_locks_after_fork(self, "_lock")
         self.replica_set = _replica_sets(self.servers, redundancy)
+        self.refresh_windows()
 
     def targets(self, key: str) -> list[int]:
         """The servers of ``key``'s replica set to ask now: those not marked down."""
@@ -143,6 +151,13 @@ class Cluster:
     def usable(self, index: int) -> bool:
         """Whether requests ask server ``index`` (it is not marked down)."""
         return self._health[index].usable
+
+    def refresh_windows(self, index: int | None = None) -> None:
+        """Recompute the straggler windows the plans read (:attr:`read_windows`,
+        :attr:`write_windows`) of server ``index``, or of all."""
+        for i in range(len(self.servers)) if index is None else (index,):
+            self.read_windows[i] = self.window(i, write=False)
+            self.write_windows[i] = self.window(i, write=True)
 
     def window(self, index: int, *, write: bool) -> float:
         """Seconds server ``index`` gets once the other answers are conclusive: the
@@ -174,6 +189,9 @@ class Cluster:
         clean = self._clean
         srtts, rttvars = self._srtt, self._rttvar
         now = monotonic()
+        self._batches = batches = (self._batches + 1) % _WINDOW_REFRESH
+        if not batches:
+            self.refresh_windows()
         for slot, (index, _) in enumerate(batch):
             result = results[slot]
             if result.__class__ not in _REPLIES or exchanges[slot].retried:
@@ -252,6 +270,8 @@ class Cluster:
                 after = on_success(before, now)
             self._health[index] = after
             self._clean[index] = after.state is State.UP and not after.failures
+        if after.state is not before.state:
+            self.refresh_windows(index)
         if after.state is not before.state:
             # A failed probe (probing -> down) repeats every retry interval while
             # a server stays down: neither a change worth counting nor logging.

@@ -43,6 +43,7 @@ log = logging.getLogger("memsess.store")
 
 T = TypeVar("T")
 _INF: Final = float("inf")
+_RETRIEVAL: Final = ReplyKind.RETRIEVAL
 #: The marker key on every server is the store's key prefix plus this. Its value is the
 #: decimal version below which copies on that server may predate a write it missed.
 MARKER_SUFFIX: Final = b"missed-writes"
@@ -99,12 +100,13 @@ class _Rule:
         self._cut_at = _INF
 
     def _start_window(self, now: float, write: bool) -> None:
-        window = self._cluster.window
+        cluster = self._cluster
+        windows = cluster.write_windows if write else cluster.read_windows
         servers = self._servers
         longest = 0.0
         for slot, left in enumerate(self._open):
             if left:
-                longest = max(longest, window(servers[slot], write=write))
+                longest = max(longest, windows[servers[slot]])
         self._cut_at = now + longest
 
 
@@ -250,70 +252,85 @@ class Plans:
         targets = self.targets(key)
         # Built here rather than by protocol.get: the key is storage_key's (prefix and a
         # hex digest) and the marker was checked once, so no check per read.
-        command = Command(b"gets " + key + b"\r\n", ReplyKind.RETRIEVAL)
+        command = Command(b"gets " + key + b"\r\n", _RETRIEVAL)
         batch = [(index, command) for index in targets]
         # A server's marker is asked for along with the session once its last reading is
         # MARKER_MAX_AGE old: an extra key costs the server and the parser a little, and
         # a reply that is more often late for the poll.
         due = self.cluster.marker_due
         now = monotonic()
-        asked = [due[index] <= now for index in targets]
-        if any(asked):
-            with_marker = Command(b"gets " + key + self._marker_suffix, ReplyKind.RETRIEVAL)
-            for slot, ask in enumerate(asked):
-                if ask:
-                    batch[slot] = (targets[slot], with_marker)
+        asked = None
+        for slot, index in enumerate(targets):
+            if due[index] <= now:
+                if asked is None:
+                    asked = [False] * len(targets)
+                asked[slot] = True
+                batch[slot] = (index, Command(b"gets " + key + self._marker_suffix, _RETRIEVAL))
         rule = ReadRule(self.cluster, targets, key, marker_asked=asked, patient=patient)
         results = yield Step(batch, rule)
         newest: Record | None = None
         newest_raw = b""
-        copies: dict[int, Copy] = {}
-        for index, copy, result in zip(targets, rule.copies, results, strict=True):
+        tokens: dict[int, int | None] = {}
+        lagging = False
+        for slot, copy in enumerate(rule.copies):
             if copy is None:
-                if isinstance(result, ErrorReply):
-                    self._log_error(index, result)
                 continue
-            copies[index] = copy
-            if copy.problem:
-                self._log_corrupt(key, index, copy.problem)
+            tokens[targets[slot]] = copy.cas
             record = copy.record
-            if record is not None and (newest is None or record.version > newest.version):
-                newest = record
-                newest_raw = copy.raw
-        if not copies:
+            if record is None:
+                lagging = True  # missing or corrupt
+            elif newest is None:
+                newest, newest_raw = record, copy.raw
+            elif record.version != newest.version:
+                lagging = True
+                if record.version > newest.version:
+                    newest, newest_raw = record, copy.raw
+        if len(tokens) < len(targets) or lagging:
+            self._note_problems(key, targets, results, rule.copies)
+        if newest is None:
+            return None
+        self.cluster.clock.observe(newest.version)
+        if lagging:
+            yield from self._repair(key, newest, newest_raw, targets, rule.copies)
+        return Found(newest, tokens)
+
+    def _note_problems(
+        self, key: bytes, targets: list[int], results: list[Result], copies: list[Copy | None]
+    ) -> None:
+        """Log error replies and corrupt copies; NoServerAvailableError if none answered."""
+        for index, copy, result in zip(targets, copies, results, strict=True):
+            if isinstance(result, ErrorReply):
+                self._log_error(index, result)
+            elif copy is not None and copy.problem:
+                self._log_corrupt(key, index, copy.problem)
+        if all(copy is None for copy in copies):
             raise NoServerAvailableError(
                 "no copy of this session could be read: "
                 + "; ".join(str(result) for result in results)
             )
-        if newest is None:
-            return None
-        self.cluster.clock.observe(newest.version)
-        lagging = {  # server index -> why its copy is rewritten
-            index: "missing" if not copy.raw else "corrupt" if copy.record is None else "stale"
-            for index, copy in copies.items()
-            if copy.record is None or copy.record.version < newest.version
-        }
-        if lagging:
-            yield from self._repair(key, newest, newest_raw, lagging, copies)
-        return Found(newest, {index: copy.cas for index, copy in copies.items()})
 
     def _repair(
         self,
         key: bytes,
         newest: Record,
         raw: bytes,
-        lagging: dict[int, str],
-        copies: dict[int, Copy],
+        targets: list[int],
+        copies: list[Copy | None],
     ) -> Flow[None]:
+        lagging = {  # server index -> (why its copy is rewritten, its cas token)
+            index: ("missing" if not c.raw else "corrupt" if c.record is None else "stale", c.cas)
+            for index, c in zip(targets, copies, strict=True)
+            if c is not None and (c.record is None or c.record.version < newest.version)
+        }
         servers = self.cluster.servers
         log.info(
             "repairing %s: %s",
             short(key),
-            ", ".join(f"{why} on memcached {servers[i].name}" for i, why in lagging.items()),
+            ", ".join(f"{why} on memcached {servers[i].name}" for i, (why, _) in lagging.items()),
         )
         self.metrics.add("repairs", len(lagging))
         exptime = self._exptime(newest.ttl or None)  # 0: a format 1 record
-        batch = [(i, guarded_write(key, raw, copies[i].cas, exptime)) for i in lagging]
+        batch = [(i, guarded_write(key, raw, cas, exptime)) for i, (_, cas) in lagging.items()]
         yield Step(batch, WriteRule(self.cluster, list(lagging)))
 
     def _log_error(self, index: int, reply: ErrorReply) -> None:

@@ -93,7 +93,7 @@ class Exchange:
         self.retried = False
         self.protocol = _NO_PROTOCOL  # until begin()
 
-    def begin(self, protocol: ClientProtocol, *, reused: bool) -> bytes:
+    def begin(self, protocol: ClientProtocol, reused: bool) -> bytes:
         """Start on a connection whose parser is ``protocol``; returns the bytes to write.
         ``reused``: the connection came from the idle pool (it may have gone stale)."""
         self.protocol = protocol

@@ -129,11 +129,15 @@ class Fanout:
         self._udp: list[tuple[UdpPool, UdpRead] | None] = [None] * count
         self.results: list[Result | None] = [None] * count
         self.latency = [0.0] * count
-        self.exchanges = [
-            Exchange(slot, pool.spec, command, start + pool.spec.timeout)
-            for slot, (pool, command) in enumerate(zip(pools, commands, strict=True))
-        ]
-        self._first_deadline = min(exchange.deadline for exchange in self.exchanges)
+        exchanges: list[Exchange] = []
+        self.exchanges = exchanges
+        first = _INF
+        for slot in range(count):
+            spec = pools[slot].spec
+            deadline = start + spec.timeout
+            first = min(first, deadline)
+            exchanges.append(Exchange(slot, spec, commands[slot], deadline))
+        self._first_deadline = first
 
     def run(self) -> Fanout:
         begin = self._open_stream if self._routes is None else self._begin
@@ -179,7 +183,7 @@ class Fanout:
             return
         self._conns[slot] = conn
         exchange = self.exchanges[slot]
-        out = exchange.begin(conn.protocol, reused=conn.reused)
+        out = exchange.begin(conn.protocol, conn.reused)
         if conn.connected:
             try:
                 sent = conn.sock.send(out)
@@ -288,8 +292,7 @@ class Fanout:
                 fd = conn.fd
                 del self._by_fd[fd]
                 self._poller.unregister(fd)
-                self._conns[slot] = None
-                self._pools[slot].release(conn)
+                self._pools[slot].release(conn)  # (_conns[slot] stays: nothing reads it now)
                 now = monotonic()  # _finish, inlined
                 self.results[slot] = reply
                 self.latency[slot] = now - self._start
