@@ -44,6 +44,7 @@ log = logging.getLogger("memsess.store")
 T = TypeVar("T")
 _INF: Final = float("inf")
 _RETRIEVAL: Final = ReplyKind.RETRIEVAL
+_STORAGE: Final = ReplyKind.STORAGE
 #: The marker key on every server is the store's key prefix plus this. Its value is the
 #: decimal version below which copies on that server may predate a write it missed.
 MARKER_SUFFIX: Final = b"missed-writes"
@@ -374,7 +375,10 @@ class Plans:
         logout found there wins (SessionGoneError), anything else older is overwritten."""
         targets = self.targets(key)
         if since is None:  # self.write, inlined: one generator less per save
-            command = protocol.set(key, record, flags=FLAGS, exptime=exptime)
+            # protocol.set's checks, done once upstream: the key is storage_key's, the
+            # exptime the store's (_exptime bounds it), the record under the item size.
+            data = b"set %b %d %d %d\r\n%b\r\n" % (key, FLAGS, exptime, len(record), record)
+            command = Command(data, _STORAGE)
             results = yield Step([(i, command) for i in targets], WriteRule(self.cluster, targets))
             self._note_missed(key, targets, results, ok=Status.STORED)
             return results

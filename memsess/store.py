@@ -52,6 +52,8 @@ DEFAULT_REDUNDANCY: Final = 2  # PHP's memcache.session_redundancy
 DEFAULT_MAX_ITEM_SIZE: Final = 1024 * 1024  # memcached's default -I (1 MiB)
 # memcached refuses an exptime over 30 days as relative: it reads it as a Unix time.
 _MAX_RELATIVE_EXPTIME: Final = 30 * 24 * 3600
+# memcached 1.6 keeps times in 32 bits (protocol._MAX_EXPTIME).
+_MAX_EXPTIME: Final = 2**31 - 1
 # Room memcached needs in an item besides the value: item header, key, suffix.
 _ITEM_OVERHEAD: Final = 512
 
@@ -341,6 +343,11 @@ class SessionStore:
         """memcached's exptime for a lifetime of whole ``seconds`` (default: the ttl)."""
         if seconds is None:
             seconds = self.ttl
-        if seconds > _MAX_RELATIVE_EXPTIME:
-            return int(time.time()) + seconds
-        return seconds
+        if seconds <= _MAX_RELATIVE_EXPTIME:
+            return seconds
+        exptime = int(time.time()) + seconds
+        if exptime > _MAX_EXPTIME:
+            raise ValueError(
+                f"a lifetime of {seconds} s ends past 2038, which memcached cannot store"
+            )
+        return exptime
