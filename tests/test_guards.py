@@ -70,6 +70,15 @@ def patient_store(make_store: StoreFactory) -> SessionStore:
     return make_store(straggler_window=TEST_TIMEOUT)
 
 
+def placed_session(
+    cluster: LocalCluster, make_store: StoreFactory
+) -> tuple[SessionStore, str, bytes, list[int]]:
+    """A patient store, a new session id, its key and its servers in ring order."""
+    store = patient_store(make_store)
+    sid = store.new_id()
+    return store, sid, key_of(store, sid), server_indexes(cluster, store, sid)
+
+
 # -- 1. read repair writes with cas/add, never set ---------------------------------------
 
 
@@ -78,10 +87,7 @@ def patient_store(make_store: StoreFactory) -> SessionStore:
 def test_a_repair_never_overwrites_a_write_that_landed_after_the_read(
     cluster: LocalCluster, make_store: StoreFactory, position: int, lag: str
 ) -> None:
-    store = patient_store(make_store)
-    sid = store.new_id()
-    key = key_of(store, sid)
-    servers = server_indexes(cluster, store, sid)
+    store, sid, key, servers = placed_session(cluster, make_store)
     lagging = servers[position]
     store.save(sid, {"v": 1})
     old = cluster.get_raw(lagging, key)
@@ -187,10 +193,7 @@ def test_a_write_that_no_copy_stored_raises_write_error(
 def test_a_write_after_reading_a_copy_from_a_clock_ahead_is_newer_than_it(
     cluster: LocalCluster, make_store: StoreFactory, position: int, operation: str
 ) -> None:
-    store = patient_store(make_store)
-    sid = store.new_id()
-    key = key_of(store, sid)
-    servers = server_indexes(cluster, store, sid)
+    store, sid, key, servers = placed_session(cluster, make_store)
     # Written by an app server whose clock runs an hour ahead (inside MAX_CLOCK_SKEW).
     ahead = data_record(store, now_us() + HOUR_US, {"from": "a clock an hour ahead"})
     for index in servers:
@@ -422,10 +425,7 @@ def test_regenerate_with_a_snapshot_after_a_logout_elsewhere_is_refused_and_stor
 def test_a_stale_copy_at_any_position_loses_to_the_newest_and_is_repaired(
     cluster: LocalCluster, make_store: StoreFactory, position: int
 ) -> None:
-    store = patient_store(make_store)
-    sid = store.new_id()
-    key = key_of(store, sid)
-    servers = server_indexes(cluster, store, sid)
+    store, sid, key, servers = placed_session(cluster, make_store)
     store.save(sid, {"version": 1})
     old = cluster.get_raw(servers[position], key)
     store.save(sid, {"version": 2})
@@ -440,10 +440,7 @@ def test_a_stale_copy_at_any_position_loses_to_the_newest_and_is_repaired(
 def test_a_tombstone_at_any_position_wins_and_is_copied_to_the_other(
     cluster: LocalCluster, make_store: StoreFactory, position: int
 ) -> None:
-    store = patient_store(make_store)
-    sid = store.new_id()
-    key = key_of(store, sid)
-    servers = server_indexes(cluster, store, sid)
+    store, sid, key, servers = placed_session(cluster, make_store)
     store.save(sid, {"user": "alice"})
     version = version_of(cluster.get_raw(servers[0], key))
     tombstone = encode_record(version + 1, TOMBSTONE, store.serializer.id, ttl=60)
@@ -456,10 +453,7 @@ def test_a_tombstone_at_any_position_wins_and_is_copied_to_the_other(
 def test_a_missing_copy_at_any_position_decides_nothing_and_is_refilled(
     cluster: LocalCluster, make_store: StoreFactory, position: int
 ) -> None:
-    store = patient_store(make_store)
-    sid = store.new_id()
-    key = key_of(store, sid)
-    servers = server_indexes(cluster, store, sid)
+    store, sid, key, servers = placed_session(cluster, make_store)
     store.save(sid, {"user": "bob"})
     stored = cluster.get_raw(servers[1 - position], key)
     cluster.flush(servers[position])
@@ -482,10 +476,7 @@ def conditional_save(store: SessionStore, snapshot: Snapshot, data: dict[str, An
 def test_a_logout_landing_between_the_conflict_read_and_its_cas_wins(
     cluster: LocalCluster, make_store: StoreFactory, position: int
 ) -> None:
-    store = patient_store(make_store)
-    sid = store.new_id()
-    key = key_of(store, sid)
-    servers = server_indexes(cluster, store, sid)
+    store, sid, key, servers = placed_session(cluster, make_store)
     changed = servers[position]
     store.save(sid, {"cart": 1})
     snapshot = store.fetch(sid)
