@@ -75,7 +75,7 @@ def _canned(store: SessionStore) -> SessionStore:
     replies: dict[tuple[bytes, int], list[Result]] = {}
 
     def execute(
-        batch: Sequence[tuple[int, Command]], rule: WaitRule, *, record: bool = True
+        batch: Sequence[tuple[int, Command]], rule: WaitRule, record: bool = True
     ) -> list[Result]:
         shape = (batch[0][1].data.split(b" ", 1)[0], len(batch))
         if shape not in replies:

@@ -173,7 +173,7 @@ class Cluster:
         )
 
     def execute(
-        self, batch: Sequence[tuple[int, Command]], rule: WaitRule, *, record: bool = True
+        self, batch: Sequence[tuple[int, Command]], rule: WaitRule, record: bool = True
     ) -> list[Result]:
         """Run one command per server at once under ``rule``; update health, round-trip
         times and trust floors from the outcomes (health only with ``record``)."""

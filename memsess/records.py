@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 import zlib
+from functools import lru_cache
 from typing import Final, NamedTuple
 
 from memsess._forksafe import renew_locks_after_fork
@@ -75,13 +76,26 @@ def is_valid_id(sid: object) -> bool:
     return isinstance(sid, str) and _ID_PATTERN.fullmatch(sid) is not None
 
 
+_NOT_AN_ID: Final = "not a session id issued by memsess (expected 43 URL-safe characters)"
+
+
 def storage_key(prefix: bytes, sid: str) -> bytes:
     """The memcached key of a session: ``prefix`` + a digest of the id.
 
     The id never reaches memcached as-is: a cookie can at worst pick which
     digest is looked up, never inject bytes into a command."""
-    if not is_valid_id(sid):
-        raise SessionIdError("not a session id issued by memsess (expected 43 URL-safe characters)")
+    if type(sid) is not str:  # exactly str: the memo hashes and compares it
+        raise SessionIdError(_NOT_AN_ID)
+    return _storage_key(prefix, sid)
+
+
+# A request loads its session and then saves or touches it: memoized, the second key
+# costs a dict lookup instead of a regex and a BLAKE2b digest. Only valid ids are kept
+# (an invalid one raises, and lru_cache keeps no exception); 16k keys are ~2 MB.
+@lru_cache(maxsize=16384)
+def _storage_key(prefix: bytes, sid: str) -> bytes:
+    if _ID_PATTERN.fullmatch(sid) is None:
+        raise SessionIdError(_NOT_AN_ID)
     digest = hashlib.blake2b(sid.encode("ascii"), digest_size=20).hexdigest()
     return prefix + digest.encode("ascii")
 

@@ -20,6 +20,7 @@ from memsess.dsn import ServerSpec, parse_dsn
 from memsess.errors import (
     MemsessError,
     SessionGoneError,
+    SessionIdError,
     SessionTooLargeError,
     WriteError,
 )
@@ -147,9 +148,10 @@ class SessionStore:
 
     def fetch(self, sid: str) -> Snapshot | None:
         """Like :meth:`load`, with the version and CAS tokens for a conditional save."""
-        if not is_valid_id(sid):
+        try:
+            key = storage_key(self.key_prefix, sid)  # memoized: no regex for a known id
+        except SessionIdError:
             return None
-        key = storage_key(self.key_prefix, sid)
         self._metrics.add("loads")
         found = self._run(self._plans.read(key))
         data = None
@@ -285,7 +287,7 @@ class SessionStore:
         try:
             step = next(flow)
             while True:
-                results = execute(step.batch, step.rule, record=step.record)
+                results = execute(step.batch, step.rule, step.record)
                 for result in results:
                     if isinstance(result, MemsessError):
                         self._count_failure(result)
