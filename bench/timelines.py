@@ -5,7 +5,8 @@ A fresh local cluster of 3 per client; server 0 goes through the phases of
 PHASES (steady, short stalls, hung, resumed, killed, restarted empty), each
 ``phase_seconds`` long, with requests paced at one every PACE seconds on
 SESSIONS sessions. A request is a visit (load, save the next number), a
-logout (load, delete; that user's next visit starts a new session) or a
+logout (load, delete; that user's next visit starts a new session, saved without a
+load, as a request without a cookie is) or a
 replay of a logged-out session's cookie (load, which must find nothing).
 bench/failover.py runs it for every client and reports.
 """
@@ -310,7 +311,9 @@ def _request(
     t0 = time.perf_counter()
     lost = stale = failed = False
     try:
-        loaded = client.load(sid)
+        # A user without a session sends no cookie: nothing to load (as the adapters do).
+        fresh = kind == "visit" and expected is None
+        loaded = None if fresh else client.load(sid)
         lost = loaded is None and expected is not None
         stale = loaded is not None and (expected is None or loaded.get("seq", -1) < expected)
         if kind == "logout":

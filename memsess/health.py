@@ -15,7 +15,8 @@ __all__ = [
     "DEFAULT_DOWN_AFTER_SILENCE",
     "DEFAULT_FAILURE_THRESHOLD",
     "READ_WINDOW_FLOOR",
-    "SUSPECT_WINDOW_FLOOR",
+    "SUSPECT_READ_WINDOW",
+    "SUSPECT_WRITE_WINDOW",
     "WINDOW_MULTIPLE",
     "WRITE_WINDOW_FLOOR",
     "Health",
@@ -119,11 +120,13 @@ READ_WINDOW_FLOOR: Final = 0.010
 #: Writes wait longer: a write cut off is a copy missing until a repair lands, and
 #: under CPU load that must stay rare (redundancy must not drop silently).
 WRITE_WINDOW_FLOOR: Final = 0.050
-#: A server that already failed recently (SUSPECT) gets this, whatever its round trip:
-#: while one hangs, every request that includes it pays it until it is marked down
-#: (0.25 s of silence at least). A healthy server answers within it (its replies arrive
-#: microseconds after the others'), and its next reply makes it UP again.
-SUSPECT_WINDOW_FLOOR: Final = 0.002
+#: A server that already failed recently (SUSPECT) gets these, whatever its round trip:
+#: while one hangs, every request that includes it pays them until it is marked down
+#: (0.25 s of silence at least), so a load and a save together stay under 5 ms. A healthy
+#: server answers within them (its replies arrive microseconds after the others'), and
+#: its next reply makes it UP again; a write cut off meanwhile is repaired (hinted).
+SUSPECT_READ_WINDOW: Final = 0.001
+SUSPECT_WRITE_WINDOW: Final = 0.002
 #: The window is this many times the server's high-percentile round trip: the smoothed
 #: round trip + 4 mean deviations, RFC 6298's retransmission timeout formula, updated by
 #: Cluster.execute on every reply (gains 1/8 and 1/4, RFC 6298 section 2).
@@ -135,8 +138,8 @@ def straggler_window(
 ) -> float:
     """Seconds a silent server gets once the others' answers are conclusive: a multiple
     of its recent high-percentile round trip above a floor, never above its ``timeout``;
-    a server that failed recently gets SUSPECT_WINDOW_FLOOR."""
+    a server that failed recently gets SUSPECT_READ_WINDOW or SUSPECT_WRITE_WINDOW."""
     if health.state is not State.UP:
-        return min(timeout, SUSPECT_WINDOW_FLOOR)
+        return min(timeout, SUSPECT_WRITE_WINDOW if write else SUSPECT_READ_WINDOW)
     floor = WRITE_WINDOW_FLOOR if write else READ_WINDOW_FLOOR
     return min(timeout, max(floor, WINDOW_MULTIPLE * (srtt + 4 * rttvar)))
