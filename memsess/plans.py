@@ -1,16 +1,9 @@
-"""What each operation asks the servers, and when what they answered is conclusive.
+"""What each operation asks the servers, what their answers mean, and what to repair.
 
 Sans-I/O (httpx's ``auth_flow`` way): a plan is a generator that yields :class:`Step`
-values — a batch of ``(server, command)`` and the :class:`~memsess.transport.WaitRule`
-that sees each reply as it arrives — and receives the results. The blocking driver
-(:meth:`SessionStore._run`) and an asyncio driver run the same plans.
-
-The read rule (docs/consistency.md states it as a guarantee): a read may end before every
-live copy has answered only once a *trusted* copy is in — a record whose version is at or
-above its server's trust floor, i.e. written after the last moment that server may have
-missed a write, as this process saw it (:attr:`Cluster.trust_floor`) or as any process
-recorded it on the server itself (the *marker* item, read in the same ``gets``). A miss,
-a corrupt copy or an older copy decides nothing while another live copy is silent.
+values — a batch of ``(server, command)`` and the rule (memsess.rules) that sees each
+reply as it arrives and says when the answer is conclusive — and receives the results.
+The blocking driver (:meth:`SessionStore._run`) and an asyncio driver run the same plans.
 """
 
 from __future__ import annotations
@@ -24,20 +17,12 @@ from memsess import protocol
 from memsess.cluster import Cluster
 from memsess.errors import MemsessError, NoServerAvailableError, SessionGoneError
 from memsess.metrics import Metrics
-from memsess.protocol import Command, ErrorReply, Item, ReplyKind, Status, Values
-from memsess.records import FLAGS, Record, decode_record
+from memsess.protocol import Command, ErrorReply, ReplyKind, Status, Values
+from memsess.records import FLAGS, Record
+from memsess.rules import AllAnswers, Copy, ReadRule, WriteRule
 from memsess.transport import Result, WaitRule
 
-__all__ = [
-    "MARKER_MAX_AGE",
-    "MARKER_SUFFIX",
-    "Copy",
-    "Found",
-    "Plans",
-    "ReadRule",
-    "Step",
-    "WriteRule",
-]
+__all__ = ["MARKER_SUFFIX", "Found", "Plans", "Step"]
 
 log = logging.getLogger("memsess.store")
 
@@ -48,10 +33,6 @@ _STORAGE: Final = ReplyKind.STORAGE
 #: The marker key on every server is the store's key prefix plus this. Its value is the
 #: decimal version below which copies on that server may predate a write it missed.
 MARKER_SUFFIX: Final = b"missed-writes"
-#: Seconds a reading of a server's marker is used before a read asks for it again.
-MARKER_MAX_AGE: Final = 1.0
-# A marker that is not a plain number is read as "trust nothing older than anything".
-_UNTRUSTED: Final = 2**64
 _CONFLICT_ROUNDS: Final = 3  # cas retries of one save against concurrent writers
 _CONFLICTS: Final = frozenset({Status.EXISTS, Status.NOT_STORED, Status.NOT_FOUND})
 
@@ -71,147 +52,11 @@ class Step(NamedTuple):
 Flow = Generator[Step, list[Result], T]
 
 
-class Copy(NamedTuple):
-    """One server's answer to a read of one session."""
-
-    record: Record | None  # None: no item, or an item that is not an intact record
-    raw: bytes
-    cas: int | None  # the item's cas unique, for a guarded repair
-    problem: str  # why an item there is unreadable; "" otherwise
-    trusted: bool  # may decide the read alone (see the module docstring)
-
-
 class Found(NamedTuple):
     """What a read concluded: the newest record, and each answering server's cas token."""
 
     record: Record
     tokens: dict[int, int | None]
-
-
-class _Rule:
-    """Shared by the rules: which slots are still waiting, and their straggler window."""
-
-    __slots__ = ("_cluster", "_cut_at", "_open", "_pending", "_servers")
-
-    def __init__(self, cluster: Cluster, servers: list[int]) -> None:
-        self._cluster = cluster
-        self._servers = servers
-        self._open = [True] * len(servers)
-        self._pending = len(servers)
-        self._cut_at = _INF
-
-    def _start_window(self, now: float, write: bool) -> None:
-        cluster = self._cluster
-        windows = cluster.write_windows if write else cluster.read_windows
-        servers = self._servers
-        longest = 0.0
-        for slot, left in enumerate(self._open):
-            if left:
-                longest = max(longest, windows[servers[slot]])
-        self._cut_at = now + longest
-
-
-class ReadRule(_Rule):
-    """Reads: conclusive once a trusted copy is in (then the rest get their straggler
-    window), else only when every live copy has answered or failed."""
-
-    __slots__ = ("_key", "_marker_asked", "_patient", "copies")
-
-    def __init__(
-        self,
-        cluster: Cluster,
-        servers: list[int],
-        key: bytes,
-        *,
-        marker_asked: list[bool] | None = None,
-        patient: bool = False,
-    ) -> None:
-        """``marker_asked``: per server, whether its command also asked for the marker
-        (then its answer, or its absence, refreshes the cluster's copy of it).
-        ``patient``: never end early (a repair pass wants every copy's answer)."""
-        # _Rule.__init__ inlined: one is made for every read.
-        count = len(servers)
-        self._cluster = cluster
-        self._servers = servers
-        self._open = [True] * count
-        self._pending = count
-        self._cut_at = _INF
-        self._key = key
-        self._marker_asked = marker_asked
-        self._patient = patient
-        self.copies: list[Copy | None] = [None] * count
-
-    def on_result(self, slot: int, result: Result, now: float) -> float:
-        self._open[slot] = False
-        self._pending -= 1
-        if result.__class__ is Values:
-            asked = self._marker_asked is not None and self._marker_asked[slot]
-            items = result.items
-            copy = self.copies[slot] = self._copy(self._servers[slot], items, asked, now)
-            if copy.trusted and self._pending and self._cut_at == _INF and not self._patient:
-                self._start_window(now, False)
-        return self._cut_at
-
-    def _copy(self, server: int, items: tuple[Item, ...], asked: bool, now: float) -> Copy:
-        cluster = self._cluster
-        if asked:
-            found = None
-            marked = 0  # a marker asked for and absent: the server holds none (flushed, new)
-            for item in items:
-                if item.key == self._key:
-                    found = item
-                else:  # the marker: the parser admits only keys that were asked for
-                    value = item.value
-                    marked = int(value) if value.isdigit() and len(value) <= 20 else _UNTRUSTED
-            cluster.marker_floor[server] = marked
-            # Never kept longer than the server's retry interval: a process that saw the
-            # server fail writes its marker no sooner than that after the failure, so a
-            # reading from before the failure has expired by then.
-            cluster.marker_due[server] = now + min(
-                MARKER_MAX_AGE, cluster.servers[server].retry_interval
-            )
-        else:  # only the session was asked for: the parser admits no other key
-            found = items[0] if items else None
-        if found is None:
-            return Copy(None, b"", None, "", False)
-        try:
-            record = decode_record(found.value, found.flags)
-        except ValueError as exc:
-            return Copy(None, found.value, found.cas, str(exc) or "unreadable", False)
-        version = record.version
-        trusted = version >= cluster.trust_floor[server] and version >= cluster.marker_floor[server]
-        return Copy(record, found.value, found.cas, "", trusted)
-
-
-class WriteRule(_Rule):
-    """Writes: once one copy has answered, the others get their (longer) write window;
-    a copy cut off is not stored, and the plan reports it for repair."""
-
-    __slots__ = ()
-
-    def __init__(self, cluster: Cluster, servers: list[int]) -> None:
-        # _Rule.__init__ inlined: one is made for every write.
-        self._cluster = cluster
-        self._servers = servers
-        self._open = [True] * len(servers)
-        self._pending = len(servers)
-        self._cut_at = _INF
-
-    def on_result(self, slot: int, result: Result, now: float) -> float:
-        self._open[slot] = False
-        self._pending -= 1
-        if self._pending and self._cut_at == _INF and not isinstance(result, MemsessError):
-            self._start_window(now, True)
-        return self._cut_at
-
-
-class AllAnswers(_Rule):
-    """Wait for every server until its own deadline (probes, conflict reads)."""
-
-    __slots__ = ()
-
-    def on_result(self, slot: int, result: Result, now: float) -> float:
-        return _INF
 
 
 def guarded_write(key: bytes, raw: bytes, token: int | None, exptime: int) -> Command:

@@ -1,5 +1,5 @@
-"""The rules that decide when a read or a write has heard enough, fed replies by hand:
-no server, no clock (time is an argument)."""
+"""The rules that decide when a read or a write has heard enough (memsess.rules), fed
+replies by hand: no server, no clock (time is an argument)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 from memsess.cluster import Cluster
 from memsess.dsn import ServerSpec
 from memsess.errors import TimeoutError
-from memsess.plans import MARKER_SUFFIX, ReadRule, WriteRule
+from memsess.plans import MARKER_SUFFIX
 from memsess.protocol import Item, Status, Values
 from memsess.records import DATA, FLAGS, TOMBSTONE, encode_record
+from memsess.rules import ReadRule, WriteRule
 
 INF = float("inf")
 KEY = b"memsess:" + b"a" * 40
