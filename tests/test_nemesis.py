@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import nemesis
+import nemesis_history
 import pytest
 from conftest import TEST_RETRY_INTERVAL, TEST_TIMEOUT
 
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.timeout(max(120.0, 3 * SECONDS + 60))
 @pytest.fixture(scope="module", autouse=True)
 def closing_note() -> Iterator[None]:
     yield
-    if nemesis.REPORTS:
-        counts = ", ".join(f"{name} {n}" for name, n in nemesis.totals().items())
+    if nemesis_history.REPORTS:
+        counts = ", ".join(f"{name} {n}" for name, n in nemesis_history.totals().items())
         print(f"\nnemesis totals: {counts}")
 
 
