@@ -98,7 +98,9 @@ class Maintenance:
                     return
                 if self._ready_hints():
                     continue
-                if next_probe is None and now - idle_since >= _IDLE_EXIT:
+                # Hints wait for their servers to be up again (a suspect one may take a
+                # while): the thread stays while any is left, looking once a second.
+                if next_probe is None and not self._hints and now - idle_since >= _IDLE_EXIT:
                     self._thread = None
                     return
                 wake_at = idle_since + _IDLE_EXIT if next_probe is None else next_probe
@@ -138,5 +140,5 @@ class Maintenance:
             try:
                 self._run(self._plans.read(key, patient=True))  # repairs what lags
             except MemsessError as exc:
-                log.debug("repair of %d copies deferred: %s", len(ready), exc)
+                log.debug("a background repair failed (a later read repairs it): %s", exc)
         return len(ready)
