@@ -7,6 +7,7 @@ the ``SESSION_MEMSESS`` setting; one memsess store per process and configuration
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, ParamSpec, TypeVar
@@ -40,6 +41,15 @@ OPTIONS: Final = {
 
 _stores: dict[tuple[Any, ...], MemsessStore] = {}
 _stores_lock = threading.Lock()
+
+
+def _renew_stores_lock() -> None:
+    # A child forked while another thread held the lock would wait on it forever.
+    global _stores_lock  # noqa: PLW0603 - the module's one lock, replaced in the child
+    _stores_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_stores_lock)
 P = ParamSpec("P")
 R = TypeVar("R")
 

@@ -184,6 +184,13 @@ class Cluster:
             rule,
             self._routes,
         ).run()
+        return self.account(batch, run, record)
+
+    def account(
+        self, batch: Sequence[tuple[int, Command]], run: Fanout, record: bool
+    ) -> list[Result]:
+        """Update health, round-trip times and trust floors from a batch run by any driver
+        (``run``: its results, latencies and exchanges); returns the results."""
         results: list[Result] = run.results  # type: ignore[assignment]  # all filled
         exchanges = run.exchanges
         clean = self._clean

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from time import monotonic
@@ -80,31 +81,35 @@ class Maintenance:
         self._closed = False
         thread = self._thread
         if thread is None or not thread.is_alive():
+            # The thread holds this object weakly: a store dropped without close() (a
+            # test, a reloaded app) ends its thread instead of probing forever.
             self._thread = threading.Thread(
-                target=self._loop, name="memsess-maintenance", daemon=True
+                target=_maintain, args=(weakref.ref(self),), name="memsess-maintenance", daemon=True
             )
             self._thread.start()
 
-    def _loop(self) -> None:
-        idle_since = monotonic()
-        while True:
-            worked = self._probe_due() + self._repair_some()
-            now = monotonic()
-            if worked:
-                idle_since = now
-            next_probe = self._cluster.next_probe_at()
-            with self._cond:
-                if self._closed:
-                    return
-                if self._ready_hints():
-                    continue
-                # Hints wait for their servers to be up again (a suspect one may take a
-                # while): the thread stays while any is left, looking once a second.
-                if next_probe is None and not self._hints and now - idle_since >= _IDLE_EXIT:
-                    self._thread = None
-                    return
-                wake_at = idle_since + _IDLE_EXIT if next_probe is None else next_probe
-                self._cond.wait(max(0.0, min(wake_at - now, _IDLE_EXIT)))
+    def _round(self, idle_since: float) -> float | None:
+        """Probe what is due, repair what is ready, wait for more; returns when the
+        thread last worked, or None for it to end."""
+        worked = self._probe_due() + self._repair_some()
+        now = monotonic()
+        if worked:
+            idle_since = now
+        next_probe = self._cluster.next_probe_at()
+        with self._cond:
+            if self._closed:
+                return None
+            if self._ready_hints():
+                return idle_since
+            # Hints wait for their servers to be up again (a suspect one may take a
+            # while): the thread stays while any is left, looking once a second.
+            if next_probe is None and not self._hints and now - idle_since >= _IDLE_EXIT:
+                self._thread = None
+                return None
+            wake_at = idle_since + _IDLE_EXIT if next_probe is None else next_probe
+            # Waited here, under the lock the check took: no notify() is lost between.
+            self._cond.wait(max(0.0, min(wake_at - now, _IDLE_EXIT)))
+            return idle_since
 
     def _probe_due(self) -> int:
         due = self._cluster.claim_due_probes(monotonic())
@@ -142,3 +147,17 @@ class Maintenance:
             except MemsessError as exc:
                 log.debug("a background repair failed (a later read repairs it): %s", exc)
         return len(ready)
+
+
+def _maintain(ref: weakref.ref[Maintenance]) -> None:
+    """The thread: rounds of work and waits, while its Maintenance is alive."""
+    idle_since = monotonic()
+    while True:
+        maintenance = ref()
+        if maintenance is None:
+            return
+        worked_at = maintenance._round(idle_since)
+        del maintenance  # between rounds the thread keeps no store alive
+        if worked_at is None:
+            return
+        idle_since = worked_at

@@ -34,9 +34,13 @@ FAULTS = [
 ]
 
 
-def settle() -> None:
-    """Let a returned server's retry interval pass so the next request probes it."""
-    time.sleep(TEST_RETRY_INTERVAL * 1.5)
+def settle(store: SessionStore, timeout: float = 10.0) -> None:
+    """Wait until the store's background probe has brought every returned server back
+    (none is down or being probed): requests then ask it again."""
+    deadline = time.monotonic() + timeout
+    while any(s.state in ("down", "probing") for s in store.health()):
+        assert time.monotonic() < deadline, f"a server stayed down: {store.health()}"
+        time.sleep(TEST_RETRY_INTERVAL / 10)
 
 
 def check_all(store: SessionStore, live: dict[str, int], gone: set[str]) -> None:
@@ -69,7 +73,7 @@ def test_sessions_survive_a_single_fault(
     check_all(store, live, gone)
 
     fault.heal(cluster)
-    settle()
+    settle(store)
     check_all(store, live, gone)  # the returned server is read again, repaired
     check_all(store, live, gone)  # and nothing older ever wins afterwards
     assert {s.state for s in store.health()} == {"up"}
@@ -87,7 +91,7 @@ def test_logout_during_hang_stays_logged_out_after_resume(
     for sid in on_hung:
         store.delete(sid)  # the hung copy misses (or queues) the logout
     cluster.resume(FAULTY)  # it now answers with the copy it kept
-    settle()
+    settle(store)
     for sid in on_hung:
         assert store.load(sid) is None
     for sid in on_hung:  # and the stale copies were overwritten by tombstones
@@ -108,7 +112,7 @@ def test_no_late_reply_is_read_as_the_answer_to_a_later_command(
     with pytest.raises(NoServerAvailableError):
         store.load(mine[0])  # times out: its reply is still queued in the server
     cluster.resume(FAULTY)  # the server now answers everything it queued
-    settle()
+    settle(store)
     for _ in range(3):
         for n, sid in enumerate(mine):
             assert store.load(sid) == {"n": n}
@@ -194,7 +198,7 @@ def _eight_threads_through(cluster: LocalCluster, store: SessionStore, fault: st
         thread.join()
     assert errors == []
     assert sum(len(mine) for mine in expected) > 100
-    settle()
+    settle(store)
     for mine in expected:
         for sid, value in mine.items():
             assert store.load(sid) == (None if value is None else {"v": value})

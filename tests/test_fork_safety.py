@@ -124,3 +124,15 @@ def test_renewal_uses_the_factory_of_each_registration() -> None:
 
     with held_by_another_thread(owner.lock, owner.rlock):
         run_in_child(use)
+
+
+def test_a_child_forked_while_the_django_adapter_builds_a_store_can_build_its_own() -> None:
+    pytest.importorskip("django")
+    from memsess.adapters import django as adapter
+
+    def take_the_lock() -> None:
+        with adapter._stores_lock:
+            pass
+
+    with held_by_another_thread(adapter._stores_lock):
+        run_in_child(take_the_lock)
