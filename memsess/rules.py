@@ -141,14 +141,6 @@ class WriteRule(_Rule):
 
     __slots__ = ()
 
-    def __init__(self, cluster: Cluster, servers: list[int]) -> None:
-        # _Rule.__init__ inlined: one is made for every write.
-        self._cluster = cluster
-        self._servers = servers
-        self._open = [True] * len(servers)
-        self._pending = len(servers)
-        self._cut_at = _INF
-
     def on_result(self, slot: int, result: Result, now: float) -> float:
         self._open[slot] = False
         self._pending -= 1
