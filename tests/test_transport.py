@@ -137,3 +137,23 @@ def test_running_out_of_sockets_is_a_connect_error_not_a_crash(
     results = fanout(pools, [get(b"k")] * 3)
     assert all(isinstance(r, ConnectError) and "Too many open files" in str(r) for r in results)
     assert not any(isinstance(r, ConnectError) and r.refused for r in results)
+
+
+def test_waiting_for_a_slow_server_after_a_faster_deadline_passed_does_not_spin(
+    cluster: LocalCluster,
+) -> None:
+    # Unequal timeouts: once the quick server has answered and its own deadline passed,
+    # the loop must sleep until the hung one's deadline, not poll(0) over and over.
+    quick = ServerPool(ServerSpec("tcp", "127.0.0.1", cluster.servers[0].port, timeout=0.05))
+    slow = ServerPool(ServerSpec("tcp", "127.0.0.1", cluster.servers[1].port, timeout=0.6))
+    fanout([quick, slow], [set(b"k", b"v")] * 2)
+    cluster.hang(1)
+    try:
+        started = time.thread_time()
+        results = fanout([quick, slow], [get(b"k")] * 2, straggler_window=10.0)
+        spent = time.thread_time() - started
+    finally:
+        cluster.resume(1)
+    assert isinstance(results[0], Values)
+    assert isinstance(results[1], TimeoutError)
+    assert spent < 0.2  # a spinning loop burns most of the 0.55 s it waits

@@ -98,7 +98,6 @@ class Fanout:
         "_by_fd",
         "_conns",
         "_cut_at",
-        "_first_deadline",
         "_poller",
         "_pools",
         "_routes",
@@ -131,13 +130,9 @@ class Fanout:
         self.latency = [0.0] * count
         exchanges: list[Exchange] = []
         self.exchanges = exchanges
-        first = _INF
         for slot in range(count):
             spec = pools[slot].spec
-            deadline = start + spec.timeout
-            first = min(first, deadline)
-            exchanges.append(Exchange(slot, spec, commands[slot], deadline))
-        self._first_deadline = first
+            exchanges.append(Exchange(slot, spec, commands[slot], start + spec.timeout))
 
     def run(self) -> Fanout:
         begin = self._open_stream if self._routes is None else self._begin
@@ -236,17 +231,15 @@ class Fanout:
         return conn
 
     def _wait(self) -> None:
+        # The earliest deadline of the slots still waiting (not of all: with unequal
+        # timeouts, a finished server's deadline passing must not make the loop spin).
         limit = self._cut_at
-        if self._routes is None:
-            # Stream deadlines never move: the earliest of all is a bound that is never late.
-            limit = min(limit, self._first_deadline)
-        else:
-            exchanges = self.exchanges
-            udp = self._udp
-            for slot in self._by_fd.values():
-                pending = udp[slot]
-                deadline = exchanges[slot].deadline if pending is None else pending[1].deadline
-                limit = min(limit, deadline)
+        exchanges = self.exchanges
+        udp = self._udp
+        for slot in self._by_fd.values():
+            pending = udp[slot]
+            deadline = exchanges[slot].deadline if pending is None else pending[1].deadline
+            limit = min(limit, deadline)
         wait_ms = max(0, ceil((limit - monotonic()) * 1000))
         events = self._poller.poll(wait_ms)
         for fd, mask in events:
