@@ -3,7 +3,7 @@ with health, round-trip times and trust floors updated from the outcomes.
 
 The ring is static: a server that is down stays on it and is skipped, so no key silently
 moves to a server that never had it. A down server is never asked by a request; the
-store's maintenance thread probes it (:meth:`Cluster.probe_due`).
+store's maintenance thread probes it (:meth:`Cluster.claim_due_probes`).
 """
 
 from __future__ import annotations
@@ -148,10 +148,6 @@ class Cluster:
             )
         return chosen
 
-    def usable(self, index: int) -> bool:
-        """Whether requests ask server ``index`` (it is not marked down)."""
-        return self._health[index].usable
-
     def refresh_windows(self, index: int | None = None) -> None:
         """Recompute the straggler windows the plans read (:attr:`read_windows`,
         :attr:`write_windows`) of server ``index``, or of all."""
@@ -205,7 +201,7 @@ class Cluster:
                 self._account(index, result, exchanges[slot].retried, record=record)
                 continue
             # A reply. Float stores, each atomic: no lock (a sample lost in a race is
-            # harmless). RFC 6298's update (health.rtt_sample), inlined: every reply runs it.
+            # harmless). RFC 6298's update (section 2), inlined: every reply runs it.
             self._last_reply[index] = now
             srtt = srtts[index]
             rttvar = rttvars[index]

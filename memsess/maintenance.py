@@ -70,10 +70,6 @@ class Maintenance:
             self._closed = True
             self._cond.notify()
 
-    def pending(self) -> int:
-        """Sessions waiting for a repair."""
-        return len(self._hints)
-
     def _ensure_running(self) -> None:
         # Under self._cond. A thread of the parent does not exist in a forked child:
         # is_alive() is then False, and the child starts its own. A store stays usable
