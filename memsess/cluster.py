@@ -36,6 +36,7 @@ from memsess.records import VersionClock
 from memsess.transport import (
     DatagramLostError,
     Fanout,
+    Ran,
     Result,
     ServerPool,
     UdpPool,
@@ -110,7 +111,8 @@ class Cluster:
         )
         routes = {p: u for p, u in zip(self.pools, self.udp_pools, strict=True) if u is not None}
         self.has_udp = bool(routes)
-        self._routes = UdpRoutes(routes, straggler_window=straggler_window) if routes else None
+        #: Which reads go over UDP (None: no server has a UDP port), for every driver.
+        self.routes = UdpRoutes(routes, straggler_window=straggler_window) if routes else None
         count = len(self.servers)
         self._health = [Health(since=monotonic()) for _ in range(count)]
         self._last_reply = [float("-inf")] * count  # monotonic seconds
@@ -178,12 +180,12 @@ class Cluster:
             [pools[index] for index, _ in batch],
             [command for _, command in batch],
             rule,
-            self._routes,
+            self.routes,
         ).run()
         return self.account(batch, run, record)
 
     def account(
-        self, batch: Sequence[tuple[int, Command]], run: Fanout, record: bool
+        self, batch: Sequence[tuple[int, Command]], run: Ran, record: bool
     ) -> list[Result]:
         """Update health, round-trip times and trust floors from a batch run by any driver
         (``run``: its results, latencies and exchanges); returns the results."""
@@ -214,6 +216,10 @@ class Cluster:
 
     def _account(self, index: int, result: Result, reset: bool, *, record: bool) -> None:
         """The uncommon outcomes of one server: an error, or a reply after a reset."""
+        if isinstance(result, MemsessError):
+            if isinstance(result, TimeoutError) and result.straggler:
+                self.metrics.add("straggler_drops")
+            self.metrics.add("failovers")
         if isinstance(result, DatagramLostError):
             return  # a lost datagram says nothing about the server
         if reset or isinstance(result, MemsessError):

@@ -18,13 +18,11 @@ from memsess import protocol
 from memsess.cluster import Cluster, ServerStatus
 from memsess.dsn import ServerSpec, parse_dsn
 from memsess.errors import (
-    MemsessError,
     SessionGoneError,
     SessionIdError,
     SessionTooLargeError,
     WriteError,
 )
-from memsess.errors import TimeoutError as MemsessTimeoutError
 from memsess.maintenance import Maintenance
 from memsess.metrics import Metrics
 from memsess.plans import Flow, Plans, short
@@ -44,7 +42,7 @@ from memsess.records import (
 from memsess.serializers import SERIALIZERS, Serializer, get_serializer
 from memsess.transport import Result
 
-__all__ = ["DEFAULT_TTL", "SessionStore", "Snapshot"]
+__all__ = ["DEFAULT_TTL", "SessionStore", "Snapshot", "StoreCore"]
 
 log = logging.getLogger("memsess.store")
 
@@ -59,6 +57,7 @@ _MAX_EXPTIME: Final = 2**31 - 1
 _ITEM_OVERHEAD: Final = 512
 
 T = TypeVar("T")
+S = TypeVar("S", bound="StoreCore")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +73,10 @@ class Snapshot:
     tokens: Mapping[int, int | None]
 
 
-class SessionStore:
-    """Sessions in a cluster of memcached servers, ``redundancy`` copies each.
-
-    One store is shared by every thread of a process and survives a fork.
-    """
+class StoreCore:
+    """What the blocking :class:`SessionStore` and :class:`memsess.aio.AsyncSessionStore`
+    share: the configuration, the cluster and its background thread, and every operation
+    as a plan (a generator of steps, see memsess.plans) that either driver runs."""
 
     def __init__(
         self,
@@ -122,126 +120,35 @@ class SessionStore:
             missed=lambda key, servers: self._maintenance.hint(key, servers),  # noqa: PLW0108
             degraded=lambda: self._maintenance.wake(),  # noqa: PLW0108
         )
+        # Probes and repairs run on a thread of their own with the blocking driver,
+        # whichever driver the requests use: no request ever waits for them.
         self._maintenance = Maintenance(self._cluster, self._plans, self._run)
         self._cluster.on_down = self._maintenance.wake
 
     @classmethod
-    def from_dsn(cls, dsn: str, **options: Any) -> SessionStore:
+    def from_dsn(cls: type[S], dsn: str, **options: Any) -> S:
         """A store for the servers of a PHP-style save_path, e.g.
         ``"tcp://10.0.0.1:11211?weight=2&timeout=0.5, unix:///run/memcached.sock"``."""
         return cls(parse_dsn(dsn), **options)
+
+    @classmethod
+    def from_store(cls: type[S], other: StoreCore) -> S:
+        """A store of this kind sharing ``other``'s servers, settings, health table,
+        counters and background thread: e.g. the async store of a process whose sync
+        code uses ``other``. Connections are not shared (each driver has its own)."""
+        store = cls.__new__(cls)
+        store.__dict__.update(other.__dict__)
+        store._shared_init()
+        return store
+
+    def _shared_init(self) -> None:
+        """Set up what a store of this kind holds beyond the shared core."""
 
     @property
     def redundancy(self) -> int:
         return self._cluster.redundancy
 
-    # -- the public API --------------------------------------------------------
-
     new_id = staticmethod(new_id)
-
-    def load(self, sid: str) -> dict[str, Any] | None:
-        """The session's data, or None when absent, expired, logged out or not
-        a valid id (nothing is sent then). Raises NoServerAvailableError when
-        no copy could be read."""
-        snapshot = self.fetch(sid)
-        return None if snapshot is None else snapshot.data
-
-    def fetch(self, sid: str) -> Snapshot | None:
-        """Like :meth:`load`, with the version and CAS tokens for a conditional save."""
-        try:
-            key = storage_key(self.key_prefix, sid)  # memoized: no regex for a known id
-        except SessionIdError:
-            return None
-        self._metrics.add("loads")
-        found = self._run(self._plans.read(key))
-        data = None
-        if found is not None and not found.record.is_tombstone:
-            data = self._decode_payload(key, found.record)
-        self._metrics.add("hits" if data is not None else "misses")
-        if found is None or data is None:
-            return None
-        return Snapshot(sid, data, found.record.version, found.tokens)
-
-    def save(
-        self,
-        sid: str,
-        data: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        snapshot: Snapshot | None = None,
-    ) -> None:
-        """Store ``data`` as the newest version on every live copy, in parallel,
-        to live ``ttl`` seconds (default: the store's; rounded up to whole seconds).
-
-        With the ``snapshot`` the data was loaded as, a logout made since then
-        wins: nothing is stored and SessionGoneError is raised. Raises
-        SessionIdError for a malformed id and SessionTooLargeError for data over
-        the item size (nothing is sent either way), WriteError when no copy
-        could be stored."""
-        key = storage_key(self.key_prefix, sid)  # SessionIdError before anything is done
-        seconds = self.ttl if ttl is None else lifetime_seconds(ttl)
-        payload = self.serializer.dumps(data)
-        version = self._clock.tick()
-        record = encode_record(version, DATA, self.serializer.id, payload, ttl=seconds)
-        if len(record) > self.max_value_size:
-            raise SessionTooLargeError(
-                f"session data is {len(record)} bytes serialized, over the servers' item size"
-                f" ({self.max_value_size} bytes usable); nothing was stored"
-            )
-        self._metrics.add("saves")
-        since = None if snapshot is None else (snapshot.version, dict(snapshot.tokens))
-        results = self._run(
-            self._plans.save(key, record, version, self._exptime(seconds), since=since)
-        )
-        self._require_stored(results, "save")
-
-    def touch(self, sid: str, *, ttl: float | None = None) -> bool:
-        """Extend the lifetime of every copy to ``ttl`` seconds (default: the
-        store's); False when no copy exists or the id is malformed."""
-        if not is_valid_id(sid):
-            return False
-        key = storage_key(self.key_prefix, sid)
-        command = protocol.touch(key, self._exptime(None if ttl is None else lifetime_seconds(ttl)))
-        self._metrics.add("touches")
-        results = self._run(self._plans.write(key, command, ok=Status.TOUCHED))
-        return any(result is Status.TOUCHED for result in results)
-
-    def delete(self, sid: str) -> None:
-        """Log out: write a tombstone, newer than every copy, to every live copy,
-        so a copy that missed the logout loses to it when its server returns. The
-        tombstone lives as long as a session of the store's ttl."""
-        if not is_valid_id(sid):
-            return
-        key = storage_key(self.key_prefix, sid)
-        tombstone = encode_record(self._clock.tick(), TOMBSTONE, self.serializer.id, ttl=self.ttl)
-        command = protocol.set(key, tombstone, flags=FLAGS, exptime=self._exptime(None))
-        self._metrics.add("deletes")
-        results = self._run(self._plans.write(key, command))
-        self._require_stored(results, "delete")
-
-    def regenerate(
-        self,
-        sid: str,
-        data: Mapping[str, Any] | None = None,
-        *,
-        ttl: float | None = None,
-        snapshot: Snapshot | None = None,
-    ) -> str:
-        """Move the session to a new id (against session fixation, e.g. at login):
-        the same data (or ``data``) under a new id with ``ttl`` seconds to live,
-        and the old id logged out. Raises SessionGoneError when there is no
-        session to move and no data given, or when ``snapshot`` is given and
-        the session was logged out since it was loaded."""
-        if snapshot is not None and self.fetch(sid) is None:
-            raise SessionGoneError("the session was logged out since it was loaded")
-        if data is None:
-            data = self.load(sid)
-            if data is None:
-                raise SessionGoneError("no session to regenerate: absent, expired or logged out")
-        fresh = new_id()
-        self.save(fresh, data, ttl=ttl)
-        self.delete(sid)
-        return fresh
 
     def locate(self, sid: str) -> tuple[str, ...]:
         """The addresses of the servers that hold (or would hold) the copies of
@@ -261,44 +168,93 @@ class SessionStore:
         failure, seconds until a down server is probed again."""
         return self._cluster.status()
 
-    def close(self) -> None:
-        """Close every idle connection and stop the background thread. The store can
-        still be used afterwards (connections are reopened), which keeps close()
-        safe in any order."""
-        self._maintenance.close()
-        self._cluster.close()
+    # -- the operations, as plans any driver runs ------------------------------------
 
-    def __enter__(self) -> SessionStore:
-        return self
+    def _fetch(self, sid: str) -> Flow[Snapshot | None]:
+        try:
+            key = storage_key(self.key_prefix, sid)  # memoized: no regex for a known id
+        except SessionIdError:
+            return None
+        self._metrics.add("loads")
+        found = yield from self._plans.read(key)
+        data = None
+        if found is not None and not found.record.is_tombstone:
+            data = self._decode_payload(key, found.record)
+        self._metrics.add("hits" if data is not None else "misses")
+        if found is None or data is None:
+            return None
+        return Snapshot(sid, data, found.record.version, found.tokens)
 
-    def __exit__(
+    def _save(
+        self, sid: str, data: Mapping[str, Any], ttl: float | None, snapshot: Snapshot | None
+    ) -> Flow[None]:
+        key = storage_key(self.key_prefix, sid)  # SessionIdError before anything is done
+        seconds = self.ttl if ttl is None else lifetime_seconds(ttl)
+        payload = self.serializer.dumps(data)
+        version = self._clock.tick()
+        record = encode_record(version, DATA, self.serializer.id, payload, ttl=seconds)
+        if len(record) > self.max_value_size:
+            raise SessionTooLargeError(
+                f"session data is {len(record)} bytes serialized, over the servers' item size"
+                f" ({self.max_value_size} bytes usable); nothing was stored"
+            )
+        self._metrics.add("saves")
+        since = None if snapshot is None else (snapshot.version, dict(snapshot.tokens))
+        results = yield from self._plans.save(
+            key, record, version, self._exptime(seconds), since=since
+        )
+        self._require_stored(results, "save")
+
+    def _touch(self, sid: str, ttl: float | None) -> Flow[bool]:
+        if not is_valid_id(sid):
+            return False
+        key = storage_key(self.key_prefix, sid)
+        command = protocol.touch(key, self._exptime(None if ttl is None else lifetime_seconds(ttl)))
+        self._metrics.add("touches")
+        results = yield from self._plans.write(key, command, ok=Status.TOUCHED)
+        return any(result is Status.TOUCHED for result in results)
+
+    def _delete(self, sid: str) -> Flow[None]:
+        if not is_valid_id(sid):
+            return
+        key = storage_key(self.key_prefix, sid)
+        tombstone = encode_record(self._clock.tick(), TOMBSTONE, self.serializer.id, ttl=self.ttl)
+        command = protocol.set(key, tombstone, flags=FLAGS, exptime=self._exptime(None))
+        self._metrics.add("deletes")
+        results = yield from self._plans.write(key, command)
+        self._require_stored(results, "delete")
+
+    def _regenerate(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        sid: str,
+        data: Mapping[str, Any] | None,
+        ttl: float | None,
+        snapshot: Snapshot | None,
+    ) -> Flow[str]:
+        if snapshot is not None and (yield from self._fetch(sid)) is None:
+            raise SessionGoneError("the session was logged out since it was loaded")
+        if data is None:
+            current = yield from self._fetch(sid)
+            if current is None:
+                raise SessionGoneError("no session to regenerate: absent, expired or logged out")
+            data = current.data
+        fresh = new_id()
+        yield from self._save(fresh, data, ttl, None)
+        yield from self._delete(sid)
+        return fresh
 
     # -- the blocking driver ------------------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
-        """Run each step of a plan through the cluster's fan-out, in this thread."""
+        """Run each step of a plan through the cluster's fan-out, in this thread (the
+        requests of a SessionStore, and every store's background thread)."""
         execute = self._cluster.execute
         try:
             step = next(flow)
             while True:
-                results = execute(step.batch, step.rule, step.record)
-                for result in results:
-                    if isinstance(result, MemsessError):
-                        self._count_failure(result)
-                step = flow.send(results)
+                step = flow.send(execute(step.batch, step.rule, step.record))
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-
-    def _count_failure(self, error: MemsessError) -> None:
-        if isinstance(error, MemsessTimeoutError) and error.straggler:
-            self._metrics.add("straggler_drops")
-        self._metrics.add("failovers")
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -353,3 +309,87 @@ class SessionStore:
                 f"a lifetime of {seconds} s ends past 2038, which memcached cannot store"
             )
         return exptime
+
+
+class SessionStore(StoreCore):
+    """Sessions in a cluster of memcached servers, ``redundancy`` copies each.
+
+    One store is shared by every thread of a process and survives a fork. Its
+    operations block the calling thread; :class:`memsess.aio.AsyncSessionStore` is
+    the same store for asyncio.
+    """
+
+    # -- the public API --------------------------------------------------------
+
+    def load(self, sid: str) -> dict[str, Any] | None:
+        """The session's data, or None when absent, expired, logged out or not
+        a valid id (nothing is sent then). Raises NoServerAvailableError when
+        no copy could be read."""
+        snapshot = self._run(self._fetch(sid))
+        return None if snapshot is None else snapshot.data
+
+    def fetch(self, sid: str) -> Snapshot | None:
+        """Like :meth:`load`, with the version and CAS tokens for a conditional save."""
+        return self._run(self._fetch(sid))
+
+    def save(
+        self,
+        sid: str,
+        data: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        snapshot: Snapshot | None = None,
+    ) -> None:
+        """Store ``data`` as the newest version on every live copy, in parallel,
+        to live ``ttl`` seconds (default: the store's; rounded up to whole seconds).
+
+        With the ``snapshot`` the data was loaded as, a logout made since then
+        wins: nothing is stored and SessionGoneError is raised. Raises
+        SessionIdError for a malformed id and SessionTooLargeError for data over
+        the item size (nothing is sent either way), WriteError when no copy
+        could be stored."""
+        self._run(self._save(sid, data, ttl, snapshot))
+
+    def touch(self, sid: str, *, ttl: float | None = None) -> bool:
+        """Extend the lifetime of every copy to ``ttl`` seconds (default: the
+        store's); False when no copy exists or the id is malformed."""
+        return self._run(self._touch(sid, ttl))
+
+    def delete(self, sid: str) -> None:
+        """Log out: write a tombstone, newer than every copy, to every live copy,
+        so a copy that missed the logout loses to it when its server returns. The
+        tombstone lives as long as a session of the store's ttl."""
+        self._run(self._delete(sid))
+
+    def regenerate(
+        self,
+        sid: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        ttl: float | None = None,
+        snapshot: Snapshot | None = None,
+    ) -> str:
+        """Move the session to a new id (against session fixation, e.g. at login):
+        the same data (or ``data``) under a new id with ``ttl`` seconds to live,
+        and the old id logged out. Raises SessionGoneError when there is no
+        session to move and no data given, or when ``snapshot`` is given and
+        the session was logged out since it was loaded."""
+        return self._run(self._regenerate(sid, data, ttl, snapshot))
+
+    def close(self) -> None:
+        """Close every idle connection and stop the background thread. The store can
+        still be used afterwards (connections are reopened), which keeps close()
+        safe in any order."""
+        self._maintenance.close()
+        self._cluster.close()
+
+    def __enter__(self) -> SessionStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -264,7 +264,7 @@ def test_a_udp_read_cut_by_the_straggler_window_is_not_a_server_failure(
         relays[1].drop_replies = 1.0
         with relays[0], relays[1]:
             store = make_store(relayed_dsn(cluster, relays), straggler_window=0.005)
-            routes = store._cluster._routes
+            routes = store._cluster.routes
             assert routes is not None
             routes.udp_wait = 0.5  # longer than the window: the silent copy is cut on UDP
             sid = store.new_id()
@@ -329,7 +329,7 @@ def test_request_ids_never_repeat_on_a_socket_under_threads(
         store = make_store(relayed_dsn(udp_cluster, relays, timeout=2), straggler_window=0.5)
         # The relay shares this process's GIL with the readers: give its replies time,
         # so that reads stay on UDP instead of being retried over TCP.
-        routes = store._cluster._routes
+        routes = store._cluster.routes
         assert routes is not None
         routes.udp_wait = 0.2
         sids = [store.new_id() for _ in range(8)]

@@ -1,7 +1,7 @@
 """Sockets and deadlines: pooled non-blocking connections, the sans-I/O exchange of one
 command with one server, the blocking fan-out loop that drives them, and UDP reads."""
 
-from memsess.transport.exchange import Exchange, Result
+from memsess.transport.exchange import Exchange, Ran, Result
 from memsess.transport.fanout import (
     DEFAULT_STRAGGLER_WINDOW,
     Fanout,
@@ -20,6 +20,7 @@ __all__ = [
     "Exchange",
     "Fanout",
     "FirstReply",
+    "Ran",
     "Result",
     "ServerPool",
     "UdpPool",

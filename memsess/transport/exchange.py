@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Final, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 from memsess.dsn import ServerSpec
 from memsess.errors import (
@@ -24,7 +24,7 @@ from memsess.errors import (
 )
 from memsess.protocol import NEED_DATA, ClientProtocol, Command, ErrorReply, Reply
 
-__all__ = ["RECONNECT", "Exchange", "Outcome", "Reconnect", "Result", "connect_error"]
+__all__ = ["RECONNECT", "Exchange", "Outcome", "Ran", "Reconnect", "Result", "connect_error"]
 
 #: What an exchange ends with: the server's reply or the error that ended it.
 Result: TypeAlias = Reply | MemsessError
@@ -34,6 +34,18 @@ Result: TypeAlias = Reply | MemsessError
 _STALE: Final = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
 # Nothing listens there: the server is down, not slow (DESIGN: "marked down at once").
 _REFUSED: Final = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET})
+
+
+class Ran(Protocol):
+    """A batch any driver ran to its end: per slot its result, the seconds from the start
+    to it, and its exchange."""
+
+    @property
+    def results(self) -> list[Result | None]: ...
+    @property
+    def latency(self) -> list[float]: ...
+    @property
+    def exchanges(self) -> list[Exchange]: ...
 
 
 class Reconnect:

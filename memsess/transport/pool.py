@@ -53,13 +53,14 @@ class Connection:
 class ServerPool:
     """Idle connections to one server, shared by every thread of the process."""
 
-    __slots__ = ("__weakref__", "_address", "_family", "_idle", "max_idle", "spec")
+    __slots__ = ("__weakref__", "_idle", "address", "family", "max_idle", "spec")
 
     def __init__(self, spec: ServerSpec, *, max_idle: int = DEFAULT_MAX_IDLE) -> None:
         self.spec = spec
         self.max_idle = max_idle
         self._idle: deque[Connection] = deque()
-        self._family, self._address = _resolve_stream(spec)
+        #: Resolved once, here: a DNS lookup must never sit in a request (any driver's).
+        self.family, self.address = _resolve_stream(spec)
         reset_after_fork(self)
 
     def acquire(self) -> Connection:
@@ -74,15 +75,15 @@ class ServerPool:
         return conn
 
     def open(self) -> Connection:
-        sock = socket.socket(self._family, socket.SOCK_STREAM)
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        if self._family != socket.AF_UNIX:
+        if self.family != socket.AF_UNIX:
             # Commands are one small write each; Nagle would hold them back.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        code = sock.connect_ex(self._address)
+        code = sock.connect_ex(self.address)
         if code == 0:
             return Connection(sock, connected=True)
-        if code in _IN_PROGRESS and self._family != socket.AF_UNIX:
+        if code in _IN_PROGRESS and self.family != socket.AF_UNIX:
             return Connection(sock, connected=False)
         sock.close()
         raise connect_error(self.spec, code)
