@@ -4,6 +4,7 @@
 whole entry point; see the README for the adapters (Flask, Django, WSGI).
 """
 
+from memsess.aio import AsyncSessionStore
 from memsess.cluster import ServerStatus
 from memsess.dsn import ServerSpec, parse_dsn
 from memsess.errors import (
@@ -29,6 +30,7 @@ from memsess.store import SessionStore, Snapshot
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSessionStore",
     "ClusterError",
     "ConnectError",
     "ConnectionClosedError",

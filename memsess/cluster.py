@@ -184,9 +184,7 @@ class Cluster:
         ).run()
         return self.account(batch, run, record)
 
-    def account(
-        self, batch: Sequence[tuple[int, Command]], run: Ran, record: bool
-    ) -> list[Result]:
+    def account(self, batch: Sequence[tuple[int, Command]], run: Ran, record: bool) -> list[Result]:
         """Update health, round-trip times and trust floors from a batch run by any driver
         (``run``: its results, latencies and exchanges); returns the results."""
         results: list[Result] = run.results  # type: ignore[assignment]  # all filled

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import TEST_RETRY_INTERVAL, TEST_TIMEOUT, key_of
+from conftest import DRIVERS, TEST_RETRY_INTERVAL, TEST_TIMEOUT, key_of, store_for
 
 from memsess import SessionStore
 from memsess.records import FLAGS, TOMBSTONE, decode_record, encode_record
@@ -25,17 +25,22 @@ def pair() -> Iterator[LocalCluster]:
         yield local
 
 
-def new_store(cluster: LocalCluster, **options: object) -> SessionStore:
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def new_store(cluster: LocalCluster, driver: str = "sync", **options: object) -> SessionStore:
     dsn = cluster.dsn(timeout=TEST_TIMEOUT, retry_interval=TEST_RETRY_INTERVAL)
-    return SessionStore.from_dsn(dsn, redundancy=2, **options)
+    return store_for(driver, dsn, redundancy=2, **options)
 
 
 @pytest.fixture
-def stores(pair: LocalCluster) -> Iterator[Callable[[], SessionStore]]:
+def stores(pair: LocalCluster, driver: str) -> Iterator[Callable[[], SessionStore]]:
     made: list[SessionStore] = []
 
     def make() -> SessionStore:
-        made.append(new_store(pair))
+        made.append(new_store(pair, driver))
         return made[-1]
 
     yield make

@@ -11,12 +11,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from conftest import TEST_RETRY_INTERVAL, StoreFactory, cpu_burners, key_of, server_indexes
+from conftest import (
+    DRIVERS,
+    TEST_RETRY_INTERVAL,
+    StoreFactory,
+    cpu_burners,
+    key_of,
+    server_indexes,
+)
 
 from memsess import NoServerAvailableError, SessionStore
 from memsess.testing import LocalCluster
 
 FAULTY = 0
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    """Every fault test runs on the blocking store and on the asyncio one."""
+    return str(request.param)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,179 @@
+"""AsyncSessionStore: the session store for asyncio, the same plans (memsess.plans) as
+the blocking SessionStore run by an event loop's driver (memsess.transport.aio).
+
+No thread pool: every request's I/O is non-blocking on the calling task's loop, each
+command fanned out to every copy at once, under the same deadlines, rules, straggler
+windows, health table and UDP reads as the blocking store. Only the probes of down
+servers and the background repairs run on the store's maintenance thread, as they do
+for the blocking store; no request waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from memsess.dsn import ServerSpec
+from memsess.plans import Flow
+from memsess.serializers import Serializer
+from memsess.store import DEFAULT_MAX_ITEM_SIZE, DEFAULT_TTL, Snapshot, StoreCore
+from memsess.transport.aio import AsyncFanout, LoopPools
+
+__all__ = ["AsyncSessionStore"]
+
+T = TypeVar("T")
+
+
+class AsyncSessionStore(StoreCore):
+    """Sessions in a cluster of memcached servers, ``redundancy`` copies each, for
+    asyncio: the API of :class:`memsess.SessionStore`, awaited.
+
+    Safe for any number of concurrent tasks. Connections belong to the event loop that
+    opened them (one pool per loop), so one store may serve several loops, e.g. one per
+    thread; a task cancelled in the middle of an operation closes the connections it
+    was waiting on, so no reply is left behind to be misread.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[ServerSpec],
+        *,
+        redundancy: int | None = None,
+        ttl: float = DEFAULT_TTL,
+        serializer: str | Serializer = "msgpack",
+        key_prefix: str = "memsess:",
+        straggler_window: float | None = None,
+        max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
+    ) -> None:
+        """The options of :class:`memsess.SessionStore`."""
+        super().__init__(
+            servers,
+            redundancy=redundancy,
+            ttl=ttl,
+            serializer=serializer,
+            key_prefix=key_prefix,
+            straggler_window=straggler_window,
+            max_item_size=max_item_size,
+        )
+        self._shared_init()
+
+    def _shared_init(self) -> None:
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopPools] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._loops_lock = threading.Lock()
+        # The pools of the loop used last, as one tuple so that another thread's loop
+        # replacing it is atomic; the loop held weakly, as in _loops.
+        self._current: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopPools] | None = None
+
+    # -- the public API --------------------------------------------------------
+
+    async def load(self, sid: str) -> dict[str, Any] | None:
+        """The session's data, or None when absent, expired, logged out or not a valid
+        id; see :meth:`memsess.SessionStore.load`."""
+        snapshot = await self._arun(self._fetch(sid))
+        return None if snapshot is None else snapshot.data
+
+    async def fetch(self, sid: str) -> Snapshot | None:
+        """Like :meth:`load`, with the version and CAS tokens for a conditional save."""
+        return await self._arun(self._fetch(sid))
+
+    async def save(
+        self,
+        sid: str,
+        data: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        snapshot: Snapshot | None = None,
+    ) -> None:
+        """Store ``data`` on every live copy; see :meth:`memsess.SessionStore.save`."""
+        await self._arun(self._save(sid, data, ttl, snapshot))
+
+    async def touch(self, sid: str, *, ttl: float | None = None) -> bool:
+        """Extend the lifetime of every copy; see :meth:`memsess.SessionStore.touch`."""
+        return await self._arun(self._touch(sid, ttl))
+
+    async def delete(self, sid: str) -> None:
+        """Log out; see :meth:`memsess.SessionStore.delete`."""
+        await self._arun(self._delete(sid))
+
+    async def regenerate(
+        self,
+        sid: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        ttl: float | None = None,
+        snapshot: Snapshot | None = None,
+    ) -> str:
+        """Move the session to a new id; see :meth:`memsess.SessionStore.regenerate`."""
+        return await self._arun(self._regenerate(sid, data, ttl, snapshot))
+
+    async def aclose(self) -> None:
+        """Close this loop's idle connections (and those of loops already closed) and
+        stop the background thread. The store can still be used afterwards.
+
+        A loop still running in another thread keeps its connections until
+        ``aclose()`` is awaited there: they are that loop's to close."""
+        self._maintenance.close()
+        self._cluster.close()
+        loop = asyncio.get_running_loop()
+        with self._loops_lock:
+            for other, pools in list(self._loops.items()):
+                if other is loop:
+                    pools.close()
+                elif other.is_closed():
+                    del self._loops[other]  # its transports went with it
+            self._current = None
+
+    async def __aenter__(self) -> AsyncSessionStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the asyncio driver -------------------------------------------------------------
+
+    async def _arun(self, flow: Flow[T]) -> T:
+        """Run each step of a plan as one fan-out on the running loop."""
+        pools = self._loop_pools()
+        cluster = self._cluster
+        routes = cluster.routes
+        try:
+            step = next(flow)
+            while True:
+                batch = step.batch
+                run = await AsyncFanout(pools, batch, step.rule, routes=routes).run()
+                step = flow.send(cluster.account(batch, run, step.record))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        finally:
+            flow.close()  # cancelled mid-plan: the plan ends here too
+
+    def _loop_pools(self) -> LoopPools:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "AsyncSessionStore's methods are awaited on a running event loop;"
+                " memsess.SessionStore is the blocking store"
+            ) from None
+        current = self._current
+        if current is not None and current[0]() is loop:
+            return current[1]
+        with self._loops_lock:
+            pools = self._loops.get(loop)
+            if pools is None:
+                cluster = self._cluster
+                pools = LoopPools(loop, cluster.pools, on_reset=cluster.raise_trust_floor)
+                self._loops[loop] = pools
+            self._current = (weakref.ref(loop), pools)
+        return pools

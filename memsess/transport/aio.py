@@ -1,0 +1,481 @@
+"""The asyncio driver: the same exchanges (memsess.transport.exchange), UDP reads
+(memsess.transport.udp_core), wait rules and deadlines as the blocking fan-out, carried
+by an event loop's callbacks instead of a ``poll`` loop.
+
+A stream connection is an :class:`asyncio.Protocol` of one event loop, pooled per loop
+and server (:class:`LoopPools`); it is held by one batch at a time and pooled again only
+with no reply outstanding. Every way a batch can end early — a deadline, the straggler
+cut, the awaiting task being cancelled — closes the connections still waiting, so a late
+reply can never be read as the answer to a later command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from functools import partial
+from math import inf
+from time import monotonic
+from typing import Final
+
+from memsess.dsn import ServerSpec
+from memsess.errors import ConnectError, MemsessError
+from memsess.protocol import ClientProtocol, Command
+from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result, connect_error
+from memsess.transport.fanout import WaitRule
+from memsess.transport.pool import DEFAULT_MAX_IDLE, ServerPool
+from memsess.transport.udp import DatagramLostError, UdpPool, UdpRoutes, _UdpConnection
+from memsess.transport.udp_core import UdpRead
+
+__all__ = ["AsyncFanout", "LoopPools", "StreamConnection"]
+
+log = logging.getLogger("memsess.transport")
+
+_UDP_RECV_SIZE: Final = 65536  # over any datagram's size: a datagram is never cut by recv
+
+
+class StreamConnection(asyncio.Protocol):
+    """One stream connection of an event loop to server ``index``, with its parser. While
+    a batch holds it, ``batch`` and ``slot`` say whom its bytes are for; an idle
+    connection that receives anything is closed (nothing was asked, so nothing may be
+    read later)."""
+
+    __slots__ = ("batch", "closed", "index", "parser", "pools", "reused", "slot", "transport")
+
+    def __init__(self, pools: LoopPools, index: int) -> None:
+        self.pools = pools
+        self.index = index
+        self.transport: asyncio.Transport | None = None
+        self.parser = ClientProtocol()
+        self.batch: AsyncFanout | None = None
+        self.slot = 0
+        self.closed = False  # set first by every close of ours
+        self.reused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+
+    def data_received(self, data: bytes) -> None:
+        batch = self.batch
+        if batch is None:
+            self.abort()
+            return
+        batch._received(self.slot, self, data)
+
+    def eof_received(self) -> bool:
+        self._ended(None)
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended(exc)
+
+    def _ended(self, exc: Exception | None) -> None:
+        ours = self.closed
+        self.closed = True
+        batch = self.batch
+        if batch is not None:
+            if exc is None:
+                batch._received(self.slot, self, b"")
+            else:
+                error = exc if isinstance(exc, OSError) else OSError(str(exc))
+                batch._lost(self.slot, self, error)
+        elif not ours:
+            # The server closed an idle connection: it restarted, or dropped us. Where
+            # the blocking driver learns this from a stale connection, here it is heard
+            # at once; either way the server's copies may predate a write it missed.
+            self.pools.on_reset(self.index)
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is buffered either way."""
+        self.closed = True
+        self.batch = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class LoopPools:
+    """The idle stream connections of one event loop, per server."""
+
+    __slots__ = ("_factories", "_idle", "loop", "max_idle", "on_reset", "stream")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pools: Sequence[ServerPool],
+        *,
+        on_reset: Callable[[int], None],
+        max_idle: int = DEFAULT_MAX_IDLE,
+    ) -> None:
+        """``pools``: the blocking pools of the same servers (their resolved addresses);
+        ``on_reset(index)``: server ``index`` closed an idle connection."""
+        self.loop = loop
+        self.stream = pools
+        self.on_reset = on_reset
+        self.max_idle = max_idle
+        self._factories = [partial(StreamConnection, self, index) for index in range(len(pools))]
+        self._idle: list[list[StreamConnection]] = [[] for _ in pools]
+
+    def take(self, index: int) -> StreamConnection | None:
+        """An idle connection to server ``index`` still open, or None."""
+        idle = self._idle[index]
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    def release(self, index: int, conn: StreamConnection) -> None:
+        """Give back a connection with no reply outstanding."""
+        idle = self._idle[index]
+        if len(idle) < self.max_idle and not conn.closed:
+            idle.append(conn)
+        else:
+            conn.abort()
+
+    async def connect(self, index: int) -> StreamConnection:
+        """A new connection to server ``index``; raises OSError when it cannot be made.
+        The address was resolved when the store was made, so no lookup (and no thread)
+        sits in here."""
+        pool = self.stream[index]
+        address = pool.address
+        if pool.family == socket.AF_UNIX:
+            assert isinstance(address, str)
+            _, conn = await self.loop.create_unix_connection(self._factories[index], address)
+        else:
+            assert isinstance(address, tuple)
+            _, conn = await self.loop.create_connection(self._factories[index], *address)
+        return conn
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for idle in self._idle:
+            while idle:
+                idle.pop().abort()
+
+
+class AsyncFanout:
+    """One batch in flight on an event loop: one command per server, ``(index, command)``.
+    After ``await run()``: ``results``, ``latency`` and ``exchanges``, as
+    :class:`memsess.transport.Fanout` gives them."""
+
+    __slots__ = (
+        "_conns",
+        "_cut_at",
+        "_done",
+        "_indexes",
+        "_loop",
+        "_pending",
+        "_pools",
+        "_routes",
+        "_rule",
+        "_start",
+        "_stream_pools",
+        "_tasks",
+        "_timer",
+        "_timer_at",
+        "_udp",
+        "exchanges",
+        "latency",
+        "results",
+    )
+
+    def __init__(
+        self,
+        pools: LoopPools,
+        batch: Sequence[tuple[int, Command]],
+        rule: WaitRule,
+        *,
+        routes: UdpRoutes | None = None,
+    ) -> None:
+        self._start = start = monotonic()
+        self._loop = pools.loop
+        self._pools = pools
+        self._stream_pools = stream_pools = pools.stream
+        self._indexes = indexes = [index for index, _ in batch]
+        self._rule = rule
+        self._routes = routes
+        self._cut_at = inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = inf
+        self._done: asyncio.Future[None] | None = None
+        count = len(indexes)
+        self._pending = count
+        self._conns: list[StreamConnection | None] = [None] * count
+        self._tasks: list[asyncio.Task[None] | None] = [None] * count
+        self._udp: list[tuple[UdpPool, UdpRead, _UdpConnection] | None] = [None] * count
+        self.results: list[Result | None] = [None] * count
+        self.latency = [0.0] * count
+        exchanges = []
+        for index, command in batch:
+            spec = stream_pools[index].spec
+            exchanges.append(Exchange(index, spec, command, start + spec.timeout))
+        self.exchanges = exchanges
+
+    async def run(self) -> AsyncFanout:
+        self._done = self._loop.create_future()
+        for slot in range(len(self.exchanges)):
+            self._begin(slot)
+        if self._pending:
+            self._arm()
+            try:
+                await self._done
+            except BaseException:  # cancelled: nothing may be left to answer later
+                self._abandon()
+                raise
+        return self
+
+    # -- starting ------------------------------------------------------------------------
+
+    def _begin(self, slot: int) -> None:
+        routes = self._routes
+        if routes is not None:
+            index = self._indexes[slot]
+            udp = routes.route(self._stream_pools[index], self.exchanges[slot].command)
+            if udp is not None and self._begin_udp(slot, udp, routes.udp_wait):
+                return
+        self._open_stream(slot)
+
+    def _open_stream(self, slot: int, fresh: bool = False) -> None:
+        conn = None if fresh else self._pools.take(self._indexes[slot])
+        if conn is None:
+            self._tasks[slot] = self._loop.create_task(self._connect(slot))
+            return
+        self._attach(slot, conn)
+
+    async def _connect(self, slot: int) -> None:
+        pools = self._pools
+        index = self._indexes[slot]
+        try:
+            conn = await pools.connect(index)
+        except OSError as exc:
+            if self._tasks[slot] is asyncio.current_task():
+                self._tasks[slot] = None
+                self._end(slot, self._connect_error(slot, exc), keep=False)
+            return
+        if self._tasks[slot] is not asyncio.current_task():  # ended meanwhile: keep it
+            pools.release(index, conn)
+            return
+        self._tasks[slot] = None
+        self._attach(slot, conn)
+
+    def _connect_error(self, slot: int, exc: OSError) -> ConnectError:
+        spec: ServerSpec = self.exchanges[slot].spec
+        if exc.errno:
+            error = connect_error(spec, exc.errno)
+        else:  # e.g. every address of the host failed, each its own way
+            error = ConnectError(f"memcached {spec.name}: connect failed: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def _attach(self, slot: int, conn: StreamConnection) -> None:
+        conn.batch = self
+        conn.slot = slot
+        self._conns[slot] = conn
+        exchange = self.exchanges[slot]
+        out = exchange.begin(conn.parser, conn.reused)
+        transport = conn.transport
+        assert transport is not None
+        transport.write(out)  # buffered by the transport if the socket takes less
+        exchange.sent(len(out))
+
+    def _begin_udp(self, slot: int, udp: UdpPool, udp_wait: float) -> bool:
+        try:
+            conn = udp.acquire()
+        except OSError as exc:  # no socket to be had (EMFILE...): this read goes by TCP
+            log.warning("memcached %s: no UDP socket, read over TCP: %s", udp.spec.name, exc)
+            return False
+        exchange = self.exchanges[slot]
+        read = UdpRead(exchange.command, conn.take_id(), conn.protocol, udp_wait)
+        self._udp[slot] = (udp, read, conn)
+        try:
+            conn.sock.send(read.datagram)  # a datagram goes out whole or not at all
+        except BlockingIOError:
+            self._over_tcp(slot, "the socket's send buffer is full")
+            return True
+        except OSError as exc:
+            self._over_tcp(slot, exc)
+            return True
+        read.datagram = b""
+        read.sent(monotonic(), exchange.deadline)
+        self._loop.add_reader(conn.fd, self._udp_ready, slot)
+        return True
+
+    # -- events --------------------------------------------------------------------------
+
+    def _received(self, slot: int, conn: StreamConnection, data: bytes) -> None:
+        if self._conns[slot] is not conn:
+            return
+        exchange = self.exchanges[slot]
+        outcome = exchange.data_received(data)
+        if outcome is None:
+            return
+        if exchange.keep:  # a whole reply on a connection worth keeping: the common case
+            conn.batch = None
+            self._conns[slot] = None
+            self._pools.release(self._indexes[slot], conn)
+            self._finish(slot, outcome)  # type: ignore[arg-type]  # keep: a Reply
+            return
+        self._act(slot, outcome)
+
+    def _lost(self, slot: int, conn: StreamConnection, exc: OSError) -> None:
+        if self._conns[slot] is conn:
+            self._act(slot, self.exchanges[slot].failed(exc, "recv"))
+
+    def _act(self, slot: int, outcome: Outcome) -> None:
+        """Do what the exchange said: wait on, reconnect, or end with a result."""
+        if outcome is None:
+            return
+        if isinstance(outcome, Reconnect):
+            conn = self._conns[slot]
+            self._conns[slot] = None
+            if conn is not None:
+                conn.abort()
+            self._open_stream(slot, fresh=True)
+            return
+        keep = not isinstance(outcome, MemsessError) and self.exchanges[slot].keep
+        self._end(slot, outcome, keep=keep)
+
+    def _udp_ready(self, slot: int) -> None:
+        pending = self._udp[slot]
+        if pending is None:
+            return
+        udp, read, conn = pending
+        recv = conn.sock.recv
+        while True:
+            try:
+                datagram = recv(_UDP_RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._over_tcp(slot, exc)
+                return
+            outcome = read.datagram_received(datagram)
+            if outcome is None:
+                continue
+            if isinstance(outcome, str):
+                self._over_tcp(slot, outcome)
+                return
+            self._loop.remove_reader(conn.fd)
+            self._udp[slot] = None
+            udp.replied(conn)  # pools the socket again
+            self._finish(slot, outcome)
+            return
+        read.progressed(monotonic(), self.exchanges[slot].deadline)
+
+    def _over_tcp(self, slot: int, cause: OSError | str) -> None:
+        """Drop the UDP socket (a late datagram then has nowhere to land) and send the
+        command over a stream connection of the same server, under its own deadline."""
+        pending = self._udp[slot]
+        assert pending is not None
+        udp, _, conn = pending
+        self._udp[slot] = None
+        self._loop.remove_reader(conn.fd)
+        conn.close()
+        refused = isinstance(cause, ConnectionRefusedError)  # ICMP port unreachable: no -U
+        if isinstance(cause, OSError):
+            cause = "nothing listens on the UDP port (refused)" if refused else f"UDP: {cause}"
+        log.debug("memcached %s: read retried over TCP: %s", udp.spec.name, cause)
+        udp.record_loss(cause, refused=refused)
+        self._open_stream(slot)
+
+    # -- time ----------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Have :meth:`_expire` called at the earliest time a waiting slot may end."""
+        limit = self._cut_at
+        for slot, result in enumerate(self.results):
+            if result is None:
+                pending = self._udp[slot]
+                deadline = self.exchanges[slot].deadline if pending is None else pending[1].deadline
+                limit = min(limit, deadline)
+        if limit == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = limit
+        self._timer = self._loop.call_later(max(0.0, limit - monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._timer_at = inf
+        now = monotonic()
+        cut_at = self._cut_at
+        for slot, result in enumerate(self.results):
+            if result is not None:
+                continue
+            exchange = self.exchanges[slot]
+            pending = self._udp[slot]
+            deadline = exchange.deadline if pending is None else pending[1].deadline
+            straggler = cut_at <= now < exchange.deadline
+            if not straggler and now < deadline:
+                continue
+            if pending is None:
+                self._end(slot, exchange.expired(straggler=straggler), keep=False)
+            elif not straggler:
+                self._over_tcp(slot, f"no complete reply within {pending[1].udp_wait * 1000:g} ms")
+            else:
+                # Cut off while on UDP: the datagram may just be lost, which says nothing
+                # about the server, so the error is one health does not count.
+                udp = pending[0]
+                udp.record_loss("no reply within the straggler window")
+                message = f"memcached {udp.spec.name}: no UDP reply within the straggler window"
+                self._end(slot, DatagramLostError(message, straggler=True), keep=False)
+        if self._pending:
+            self._arm()
+
+    # -- ending --------------------------------------------------------------------------
+
+    def _end(self, slot: int, result: Result, *, keep: bool) -> None:
+        self._drop(slot, keep=keep)
+        self._finish(slot, result)
+
+    def _drop(self, slot: int, *, keep: bool = False) -> None:
+        """Let go of whatever ``slot`` holds: its connection (pooled with ``keep``, else
+        closed, so a late reply is never read), its connect, its UDP socket."""
+        conn = self._conns[slot]
+        if conn is not None:
+            self._conns[slot] = None
+            conn.batch = None
+            if keep:
+                self._pools.release(self._indexes[slot], conn)
+            else:
+                conn.abort()
+        task = self._tasks[slot]
+        if task is not None:
+            self._tasks[slot] = None
+            task.cancel()
+        pending = self._udp[slot]
+        if pending is not None:
+            self._udp[slot] = None
+            self._loop.remove_reader(pending[2].fd)
+            pending[2].close()
+
+    def _finish(self, slot: int, result: Result) -> None:
+        if self.results[slot] is not None:
+            return
+        now = monotonic()
+        self.results[slot] = result
+        self.latency[slot] = now - self._start
+        self._cut_at = cut_at = self._rule.on_result(slot, result, now)
+        self._pending -= 1
+        if not self._pending:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            done = self._done
+            if done is not None and not done.done():
+                done.set_result(None)
+        elif cut_at < self._timer_at:
+            self._arm()
+
+    def _abandon(self) -> None:
+        """The awaiting task was cancelled: close every connection still waiting."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for slot, result in enumerate(self.results):
+            if result is None:
+                self._drop(slot)
