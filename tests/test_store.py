@@ -10,7 +10,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from conftest import StoreFactory, all_keys, key_of, server_indexes
+from conftest import DRIVERS, StoreFactory, all_keys, key_of, server_indexes, store_for
 from markupsafe import Markup
 
 from memsess import (
@@ -21,6 +21,13 @@ from memsess import (
 )
 from memsess.records import FLAGS, decode_record
 from memsess.testing import LocalCluster
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    """The API on both stores: the blocking one and the asyncio one (awaited for it)."""
+    return str(request.param)
+
 
 HOSTILE_IDS = [
     "",
@@ -277,16 +284,24 @@ def test_default_redundancy_is_two_or_the_server_count(cluster: LocalCluster) ->
     assert SessionStore.from_dsn(only).redundancy == 1
 
 
-def test_unix_socket_servers() -> None:
+def test_unix_socket_servers(driver: str) -> None:
     with LocalCluster(2, unix=True) as cluster:
-        with SessionStore.from_dsn(cluster.dsn(), redundancy=2) as store:
+        store = store_for(driver, cluster.dsn(), redundancy=2)
+        try:
             sid = store.new_id()
             store.save(sid, {"via": "unix"})
             assert store.load(sid) == {"via": "unix"}
             assert all(cluster.get_raw(i, key_of(store, sid)) is not None for i in range(2))
+        finally:
+            store.close()
 
 
-def test_a_forked_child_opens_its_own_connections(store: SessionStore) -> None:
+def test_a_forked_child_opens_its_own_connections(cluster: LocalCluster) -> None:
+    with SessionStore.from_dsn(cluster.dsn(), redundancy=2) as store:
+        _fork_and_use(store)
+
+
+def _fork_and_use(store: SessionStore) -> None:
     sid = store.new_id()
     store.save(sid, {"from": "parent"})
     assert store.load(sid) == {"from": "parent"}  # leaves pooled connections behind
