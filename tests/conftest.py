@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from blocking_async import store_for
 
-from memsess import AsyncSessionStore, SessionStore
+from memsess import SessionStore
 from memsess.records import storage_key
 from memsess.testing import LocalCluster
 
@@ -31,58 +29,11 @@ def cluster() -> Iterator[LocalCluster]:
         yield local
 
 
-class BlockingAsync:
-    """An AsyncSessionStore behind SessionStore's blocking API, so that one test runs on
-    both drivers: each call runs the coroutine to its end on the calling thread's own
-    event loop (one loop per thread: a threaded test uses one store from several loops).
-    Everything else is the async store's own attribute."""
-
-    def __init__(self, store: AsyncSessionStore) -> None:
-        self.store = store
-        self._loops: dict[int, asyncio.AbstractEventLoop] = {}
-        self._lock = threading.Lock()
-
-    def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
-        thread = threading.get_ident()
-        with self._lock:
-            loop = self._loops.get(thread)
-            if loop is None:
-                loop = self._loops[thread] = asyncio.new_event_loop()
-        return loop.run_until_complete(coroutine)
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self.store, name)
-        if not inspect.iscoroutinefunction(attribute):
-            return attribute
-
-        def blocking(*args: Any, **kwargs: Any) -> Any:
-            return self.run(attribute(*args, **kwargs))
-
-        return blocking
-
-    def close(self) -> None:
-        # Each loop closes its own connections (none is running now: any thread may).
-        for loop in self._loops.values():
-            loop.run_until_complete(self.store.aclose())
-            loop.close()
-        self._loops.clear()
-
-
 @pytest.fixture
 def driver() -> str:
     """Which store the store fixtures make: "sync" here; a module that runs its tests on
     both overrides this with a fixture parametrized over DRIVERS."""
     return "sync"
-
-
-DRIVERS = ["sync", "async"]
-
-
-def store_for(driver: str, dsn: str, **options: Any) -> SessionStore:
-    """A SessionStore, or (``driver`` "async") an AsyncSessionStore behind BlockingAsync."""
-    if driver == "async":
-        return BlockingAsync(AsyncSessionStore.from_dsn(dsn, **options))  # type: ignore[return-value]
-    return SessionStore.from_dsn(dsn, **options)
 
 
 @pytest.fixture

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from functools import partial, reduce
 from typing import Any, Final, NamedTuple, TypeVar
 
+from blocking_async import store_for
 from nemesis_history import (
     ABSENT,
     ERROR,
@@ -149,14 +150,17 @@ class NemesisConfig:
     timeout: float = 0.5  # the DSN's, seconds
     retry_interval: float = 0.3
     store_options: dict[str, Any] = field(default_factory=dict)  # e.g. straggler_window
+    # The store of process A and of process B: "sync" (SessionStore) or "async" (an
+    # AsyncSessionStore, each worker thread driving it on its own event loop).
+    drivers: tuple[str, str] = ("sync", "sync")
 
     @property
     def lifetime(self) -> float:
         """Seconds after which helper processes give up on their own."""
         return 3 * self.seconds + 2 * REPLY_TIMEOUT
 
-    def open_store(self, dsn: str) -> SessionStore:
-        return SessionStore.from_dsn(dsn, redundancy=2, **self.store_options)
+    def open_store(self, dsn: str, driver: str = "sync") -> SessionStore:
+        return store_for(driver, dsn, redundancy=2, **self.store_options)
 
 
 class Client:
@@ -335,7 +339,7 @@ def child_main(config: NemesisConfig, dsn: str, links: Links, control: Any, repl
     # output; the report carries the store's counters and every error.
     logging.basicConfig(format="process B: %(levelname)s %(name)s: %(message)s", level="ERROR")
     try:
-        store = config.open_store(dsn)
+        store = config.open_store(dsn, config.drivers[1])
         party = Party("B", store, links, threads=config.threads, seed=config.seed)
         party.start()
         replies.put(("start", 0, None))
@@ -548,7 +552,7 @@ def run(cluster: LocalCluster, config: NemesisConfig) -> Report:
         name="nemesis-B",
         daemon=True,
     )
-    store = config.open_store(dsn)
+    store = config.open_store(dsn, config.drivers[0])
     party = Party(
         "A", store, Links(inbox_a, inbox_b, table), threads=config.threads, seed=config.seed
     )

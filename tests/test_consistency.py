@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import DRIVERS, TEST_RETRY_INTERVAL, TEST_TIMEOUT, key_of, store_for
+from blocking_async import DRIVERS, store_for
+from conftest import TEST_RETRY_INTERVAL, TEST_TIMEOUT, key_of
 
 from memsess import SessionStore
 from memsess.records import FLAGS, TOMBSTONE, decode_record, encode_record

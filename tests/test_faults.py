@@ -11,14 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from conftest import (
-    DRIVERS,
-    TEST_RETRY_INTERVAL,
-    StoreFactory,
-    cpu_burners,
-    key_of,
-    server_indexes,
-)
+from blocking_async import DRIVERS
+from conftest import TEST_RETRY_INTERVAL, StoreFactory, cpu_burners, key_of, server_indexes
 
 from memsess import NoServerAvailableError, SessionStore
 from memsess.testing import LocalCluster

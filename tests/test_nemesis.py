@@ -34,10 +34,17 @@ def closing_note() -> Iterator[None]:
         print(f"\nnemesis totals: {counts}")
 
 
-def run_and_check(cluster: LocalCluster, record_property: RecordProperty, *, burners: int) -> None:
+def run_and_check(
+    cluster: LocalCluster,
+    record_property: RecordProperty,
+    *,
+    burners: int,
+    drivers: tuple[str, str],
+) -> None:
     config = nemesis.NemesisConfig(
         seconds=SECONDS,
         burners=burners,
+        drivers=drivers,
         timeout=TEST_TIMEOUT,
         retry_interval=TEST_RETRY_INTERVAL,
     )
@@ -59,13 +66,15 @@ def run_and_check(cluster: LocalCluster, record_property: RecordProperty, *, bur
     assert faults >= config.min_faults, report.summary()
 
 
+# Each run pairs the two stores: one process's workers on the blocking SessionStore, the
+# other's on the AsyncSessionStore, handing the same sessions to each other.
 def test_no_wrong_answer_or_error_under_random_single_server_faults(
     cluster: LocalCluster, record_property: RecordProperty
 ) -> None:
-    run_and_check(cluster, record_property, burners=0)
+    run_and_check(cluster, record_property, burners=0, drivers=("sync", "async"))
 
 
 def test_no_wrong_answer_or_error_under_faults_beside_three_cpu_burners(
     cluster: LocalCluster, record_property: RecordProperty
 ) -> None:
-    run_and_check(cluster, record_property, burners=3)
+    run_and_check(cluster, record_property, burners=3, drivers=("async", "sync"))

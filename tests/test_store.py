@@ -10,7 +10,8 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from conftest import DRIVERS, StoreFactory, all_keys, key_of, server_indexes, store_for
+from blocking_async import DRIVERS, store_for
+from conftest import StoreFactory, all_keys, key_of, server_indexes
 from markupsafe import Markup
 
 from memsess import (

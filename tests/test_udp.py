@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
-from conftest import DRIVERS, store_for
+from blocking_async import DRIVERS, store_for
 
 from memsess import SessionStore
 from memsess.records import FLAGS, storage_key
