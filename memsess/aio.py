@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -122,12 +122,19 @@ class AsyncSessionStore(StoreCore):
         self._cluster.close()
         loop = asyncio.get_running_loop()
         with self._loops_lock:
-            for other, pools in list(self._loops.items()):
-                if other is loop:
-                    pools.close()
-                elif other.is_closed():
-                    del self._loops[other]  # its transports went with it
+            pools = self._loops.pop(loop, None)
+            if pools is not None:
+                pools.close()
+            self._forget_closed_loops()
             self._current = None
+
+    def _forget_closed_loops(self) -> None:
+        # Under _loops_lock. A loop's transports refer to it, so its entry would never
+        # leave the weak dictionary by itself (a web server that runs each request on a
+        # loop of its own, like async_to_sync, would pile them up): closed loops go here,
+        # with their sockets.
+        for other in [other for other in self._loops if other.is_closed()]:
+            self._loops.pop(other).close()
 
     async def __aenter__(self) -> AsyncSessionStore:
         return self
@@ -145,6 +152,8 @@ class AsyncSessionStore(StoreCore):
     async def _arun(self, flow: Flow[T]) -> T:
         """Run each step of a plan as one fan-out on the running loop."""
         pools = self._loop_pools()
+        if pools.closer is None:
+            await _close_at_shutdown(pools)
         cluster = self._cluster
         routes = cluster.routes
         try:
@@ -172,8 +181,26 @@ class AsyncSessionStore(StoreCore):
         with self._loops_lock:
             pools = self._loops.get(loop)
             if pools is None:
+                self._forget_closed_loops()
                 cluster = self._cluster
                 pools = LoopPools(loop, cluster.pools, on_reset=cluster.raise_trust_floor)
                 self._loops[loop] = pools
             self._current = (weakref.ref(loop), pools)
         return pools
+
+
+async def _close_at_shutdown(pools: LoopPools) -> None:
+    """Have ``pools`` closed when its loop shuts down. asyncio.run() and asgiref's
+    async_to_sync (a loop per request under WSGI) close every async generator that is
+    still open on the loop before closing it (``loop.shutdown_asyncgens()``); this one
+    waits for that, then closes the connections while the loop can still do so."""
+
+    async def until_shutdown() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            pools.close()
+
+    closer = until_shutdown()
+    pools.closer = closer  # the loop keeps only a weak reference to it
+    await closer.__anext__()  # started on this loop: the loop now knows it

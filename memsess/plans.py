@@ -91,7 +91,13 @@ class Plans:
         self._degraded = degraded
 
     def targets(self, key: bytes) -> list[int]:
-        targets = self.cluster.targets(key.decode("ascii"))
+        try:
+            targets = self.cluster.targets(key.decode("ascii"))
+        except NoServerAvailableError:
+            # Every copy's server is down: the probes must be running to bring one back
+            # (the thread ends with close(), and only requests that need it start it).
+            self._degraded()
+            raise
         if len(targets) < self.cluster.redundancy:
             self.metrics.add("failovers")
             self._degraded()

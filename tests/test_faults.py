@@ -209,3 +209,25 @@ def _eight_threads_through(cluster: LocalCluster, store: SessionStore, fault: st
     for mine in expected:
         for sid, value in mine.items():
             assert store.load(sid) == (None if value is None else {"v": value})
+
+
+def test_probes_start_again_after_close_when_every_copy_is_down(
+    cluster: LocalCluster, store: SessionStore
+) -> None:
+    sid = store.new_id()
+    store.save(sid, {"a": 1})
+    holders = server_indexes(cluster, store, sid)
+    for index in holders:
+        cluster.kill(index)
+    deadline = time.monotonic() + 5
+    while any(store.health()[i].state == "up" for i in holders):
+        assert time.monotonic() < deadline
+        with pytest.raises(NoServerAvailableError):
+            store.load(sid)
+    store.close()  # stops the background thread that probes them
+    for index in holders:
+        cluster.start_server(index)
+    with pytest.raises(NoServerAvailableError):
+        store.load(sid)  # still marked down: but this request starts the probes again
+    settle(store)
+    assert store.load(sid) is None  # back (empty), read again

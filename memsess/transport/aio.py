@@ -42,12 +42,23 @@ class StreamConnection(asyncio.Protocol):
     connection that receives anything is closed (nothing was asked, so nothing may be
     read later)."""
 
-    __slots__ = ("batch", "closed", "index", "parser", "pools", "reused", "slot", "transport")
+    __slots__ = (
+        "batch",
+        "closed",
+        "index",
+        "parser",
+        "pools",
+        "reused",
+        "slot",
+        "sock",
+        "transport",
+    )
 
     def __init__(self, pools: LoopPools, index: int) -> None:
         self.pools = pools
         self.index = index
         self.transport: asyncio.Transport | None = None
+        self.sock: socket.socket | None = None  # ours: closable even after its loop closed
         self.parser = ClientProtocol()
         self.batch: AsyncFanout | None = None
         self.slot = 0
@@ -98,7 +109,7 @@ class StreamConnection(asyncio.Protocol):
 class LoopPools:
     """The idle stream connections of one event loop, per server."""
 
-    __slots__ = ("_factories", "_idle", "loop", "max_idle", "on_reset", "stream")
+    __slots__ = ("_factories", "_idle", "closer", "loop", "max_idle", "on_reset", "stream")
 
     def __init__(
         self,
@@ -114,6 +125,8 @@ class LoopPools:
         self.stream = pools
         self.on_reset = on_reset
         self.max_idle = max_idle
+        #: Set by the store: what closes these pools when the loop shuts down.
+        self.closer: object | None = None
         self._factories = [partial(StreamConnection, self, index) for index in range(len(pools))]
         self._idle: list[list[StreamConnection]] = [[] for _ in pools]
 
@@ -140,20 +153,32 @@ class LoopPools:
         The address was resolved when the store was made, so no lookup (and no thread)
         sits in here."""
         pool = self.stream[index]
-        address = pool.address
-        if pool.family == socket.AF_UNIX:
-            assert isinstance(address, str)
-            _, conn = await self.loop.create_unix_connection(self._factories[index], address)
-        else:
-            assert isinstance(address, tuple)
-            _, conn = await self.loop.create_connection(self._factories[index], *address)
+        loop = self.loop
+        sock = socket.socket(pool.family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, pool.address)
+            # (The transport sets TCP_NODELAY on a TCP socket itself.)
+            _, conn = await loop.create_connection(self._factories[index], sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        conn.sock = sock
         return conn
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection. Once the loop itself is closed its transports
+        can no longer be closed, so their sockets are (the transports, unreferenced,
+        then go with the garbage)."""
+        closed = self.loop.is_closed()
         for idle in self._idle:
             while idle:
-                idle.pop().abort()
+                conn = idle.pop()
+                if not closed:
+                    conn.abort()
+                elif conn.sock is not None:
+                    conn.closed = True
+                    conn.sock.close()
 
 
 class AsyncFanout:
@@ -280,6 +305,8 @@ class AsyncFanout:
         assert transport is not None
         transport.write(out)  # buffered by the transport if the socket takes less
         exchange.sent(len(out))
+        if self._cut_at != inf:  # connected after the cut: it gets the cut from now on
+            self._arm()
 
     def _begin_udp(self, slot: int, udp: UdpPool, udp_wait: float) -> bool:
         try:
@@ -409,7 +436,11 @@ class AsyncFanout:
             exchange = self.exchanges[slot]
             pending = self._udp[slot]
             deadline = exchange.deadline if pending is None else pending[1].deadline
-            straggler = cut_at <= now < exchange.deadline
+            # Only a command already written may be cut as a straggler: a write cut while
+            # its connect waits for this loop would skip a copy because the loop was busy.
+            straggler = cut_at <= now < exchange.deadline and (
+                pending is not None or self._conns[slot] is not None
+            )
             if not straggler and now < deadline:
                 continue
             if pending is None:

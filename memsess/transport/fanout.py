@@ -231,14 +231,15 @@ class Fanout:
         return conn
 
     def _wait(self) -> None:
-        # The earliest deadline of the slots still waiting (not of all: with unequal
-        # timeouts, a finished server's deadline passing must not make the loop spin).
-        limit = self._cut_at
-        exchanges = self.exchanges
-        udp = self._udp
+        # The earliest time a slot still waiting may end (not of all slots: with unequal
+        # timeouts, a finished server's deadline passing must not make the loop spin): its
+        # deadline, or the straggler cut once its command is with the kernel.
+        cut_at = self._cut_at
+        limit = _INF
         for slot in self._by_fd.values():
-            pending = udp[slot]
-            deadline = exchanges[slot].deadline if pending is None else pending[1].deadline
+            deadline = self._slot_deadline(slot)
+            if cut_at < deadline and self._handed_over(slot):
+                deadline = cut_at
             limit = min(limit, deadline)
         wait_ms = max(0, ceil((limit - monotonic()) * 1000))
         events = self._poller.poll(wait_ms)
@@ -250,6 +251,20 @@ class Fanout:
             # Only after a poll that found nothing ready: a reply that already arrived is
             # never thrown away because this thread ran late.
             self._expire(monotonic())
+
+    def _slot_deadline(self, slot: int) -> float:
+        pending = self._udp[slot]
+        return self.exchanges[slot].deadline if pending is None else pending[1].deadline
+
+    def _handed_over(self, slot: int) -> bool:
+        """True once ``slot``'s command is all with the kernel. Only then may it be cut
+        as a straggler: a write cut before it was sent would be a copy skipped because
+        this process was slow (a connect still in progress), not because the server was."""
+        pending = self._udp[slot]
+        if pending is not None:
+            return not pending[1].datagram
+        conn = self._conns[slot]
+        return conn is not None and conn.connected and not self.exchanges[slot].out
 
     def _step(self, slot: int, mask: int) -> None:
         conn: Connection = self._conns[slot]  # type: ignore[assignment]  # polled: it has one
@@ -366,7 +381,7 @@ class Fanout:
             exchange = self.exchanges[slot]
             udp = self._udp[slot]
             deadline = exchange.deadline if udp is None else udp[1].deadline
-            straggler = cut_at <= now < exchange.deadline
+            straggler = cut_at <= now < exchange.deadline and self._handed_over(slot)
             if not straggler and now < deadline:
                 continue
             if udp is None:
