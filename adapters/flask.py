@@ -3,26 +3,16 @@ on a memsess store, and :func:`init_app` to build one from ``app.config``."""
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any
 
 from flask import Flask
 from flask.sessions import SessionInterface, SessionMixin
 from flask.wrappers import Request, Response
 
-from memsess.adapters import Outcome, Session
-from memsess.records import lifetime_seconds
+from memsess.adapters import CONFIG_OPTIONS, Outcome, Session, permanent_lifetime, store_options
 from memsess.store import SessionStore
 
 __all__ = ["CONFIG_OPTIONS", "MemsessSession", "MemsessSessionInterface", "init_app"]
-
-#: ``app.config`` keys read by :func:`init_app`, and the SessionStore option each sets.
-CONFIG_OPTIONS: Final = {
-    "MEMSESS_REDUNDANCY": "redundancy",
-    "MEMSESS_SERIALIZER": "serializer",
-    "MEMSESS_KEY_PREFIX": "key_prefix",
-    "MEMSESS_STRAGGLER_WINDOW": "straggler_window",
-    "MEMSESS_MAX_ITEM_SIZE": "max_item_size",
-}
 
 
 class MemsessSession(Session, SessionMixin):
@@ -81,8 +71,7 @@ class MemsessSessionInterface(SessionInterface):
     def lifetime(app: Flask) -> int:
         """Seconds every session lives in memcached: ``PERMANENT_SESSION_LIFETIME``,
         rounded up to whole seconds; ValueError if it is not positive."""
-        seconds = app.permanent_session_lifetime.total_seconds()
-        return lifetime_seconds(seconds, name="PERMANENT_SESSION_LIFETIME")
+        return permanent_lifetime(app.permanent_session_lifetime)
 
     def _cookie_options(self, app: Flask) -> dict[str, Any]:
         options = {
@@ -105,13 +94,7 @@ def init_app(app: Flask, store: SessionStore | None = None) -> MemsessSessionInt
     :data:`CONFIG_OPTIONS`, its ttl being ``PERMANENT_SESSION_LIFETIME``. The
     store is kept in ``app.extensions["memsess"]``."""
     if store is None:
-        save_path = app.config.get("MEMSESS_SAVE_PATH")
-        if not save_path:
-            raise RuntimeError(
-                "memsess: set app.config['MEMSESS_SAVE_PATH'], e.g. 'tcp://127.0.0.1:11211'"
-            )
-        options = {opt: app.config[key] for key, opt in CONFIG_OPTIONS.items() if key in app.config}
-        options["ttl"] = MemsessSessionInterface.lifetime(app)
+        save_path, options = store_options(app.config, ttl=MemsessSessionInterface.lifetime(app))
         store = SessionStore.from_dsn(save_path, **options)
     app.extensions["memsess"] = store
     interface = MemsessSessionInterface(store)

@@ -4,13 +4,10 @@ elsewhere wins) when the response starts."""
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Iterable
-from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Final
 
-from memsess.adapters import Outcome, Session
+from memsess.adapters import Session, SessionCookie
 from memsess.records import lifetime_seconds
 from memsess.store import SessionStore
 
@@ -20,10 +17,6 @@ if TYPE_CHECKING:
 __all__ = ["ENVIRON_KEY", "Session", "SessionMiddleware"]
 
 ENVIRON_KEY: Final = "memsess.session"
-_EXPIRED: Final = "Thu, 01 Jan 1970 00:00:00 GMT"
-# RFC 6265 cookie-name (an RFC 7230 token) and attribute values without ";" or controls.
-_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_ATTRIBUTE: Final = re.compile(r"[\x20-\x3a\x3c-\x7e]*")
 
 
 class SessionMiddleware:
@@ -54,24 +47,16 @@ class SessionMiddleware:
         expire_at_browser_close: bool = False,
         refresh_each_request: bool = True,
     ) -> None:
-        if not _TOKEN.fullmatch(cookie_name):
-            raise ValueError(f"cookie_name {cookie_name!r} is not an RFC 6265 cookie name")
-        for name, value in (("path", path), ("domain", domain or "")):
-            if not _ATTRIBUTE.fullmatch(value):
-                raise ValueError(f"{name} {value!r} holds ';' or control characters")
-        if samesite not in ("Lax", "Strict", "None", None):
-            raise ValueError(f'samesite must be "Lax", "Strict", "None" or None, got {samesite!r}')
-        if samesite == "None" and not secure:
-            raise ValueError('samesite="None" needs secure=True (browsers drop the cookie)')
-        self.app, self.store, self.cookie_name = app, store, cookie_name
+        self.app, self.store = app, store
         # Whole seconds: memcached's exptime is an integer (0.5 would become 0, "never
         # expires"), and so is a cookie's Max-Age.
         self.max_age = lifetime_seconds(store.ttl if max_age is None else max_age, name="max_age")
-        self.expire_at_browser_close = expire_at_browser_close
         self.refresh_each_request = refresh_each_request
-        flags = {f"Domain={domain}": bool(domain), "Secure": secure, "HttpOnly": httponly}
-        flags[f"SameSite={samesite}"] = samesite is not None
-        self._attributes = "; ".join([f"Path={path}", *(flag for flag, on in flags.items() if on)])
+        self.cookie = SessionCookie(
+            cookie_name, max_age=self.max_age, secure=secure, httponly=httponly,
+            samesite=samesite, path=path, domain=domain,
+            expire_at_browser_close=expire_at_browser_close,
+        )  # fmt: skip
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         session = Session(self.store, self._cookie_value(environ))
@@ -90,23 +75,8 @@ class SessionMiddleware:
         return self.app(environ, start)
 
     def _cookie_value(self, environ: WSGIEnvironment) -> str | None:
-        header: str = environ.get("HTTP_COOKIE", "")
-        for chunk in header.split(";"):
-            name, sep, value = chunk.partition("=")
-            if sep and name.strip() == self.cookie_name:
-                return value.strip()  # checked against the id format by Session
-        return None
+        return self.cookie.value(environ.get("HTTP_COOKIE", ""))
 
     def _commit(self, session: Session) -> str | None:
         outcome = session.persist(self.max_age, refresh=self.refresh_each_request)
-        if outcome is Outcome.DELETE:
-            return f"{self.cookie_name}=; Max-Age=0; Expires={_EXPIRED}; {self._attributes}"
-        if outcome is Outcome.NOTHING or session.sid is None:
-            return None
-        if self.expire_at_browser_close:
-            return f"{self.cookie_name}={session.sid}; {self._attributes}"
-        expires = formatdate(time.time() + self.max_age, usegmt=True)
-        return (
-            f"{self.cookie_name}={session.sid}; Max-Age={self.max_age}; Expires={expires}; "
-            + self._attributes
-        )
+        return self.cookie.header(outcome, session.sid)

@@ -3,6 +3,7 @@ parsing, hostile cookie values, and a real HTTP server on a loopback port."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -128,3 +129,24 @@ def serve(app: Any) -> Iterator[tuple[str, int]]:
     finally:
         server.shutdown()
         thread.join(timeout=5)
+
+
+@contextmanager
+def serve_asgi(app: Any) -> Iterator[str]:
+    """Serve the ASGI ``app`` with uvicorn on a free loopback port, in a thread; yields
+    its URL. The socket is bound and listening first, so requests wait in its backlog,
+    never fail to connect."""
+    import uvicorn
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", ws="wsproto", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listener.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
