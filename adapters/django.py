@@ -1,5 +1,6 @@
 """Django session backend: ``SESSION_ENGINE = "memsess.adapters.django"``, configured by
-the ``SESSION_MEMSESS`` setting; one memsess store per process and configuration.
+the ``SESSION_MEMSESS`` setting; one memsess store per process and configuration, and
+its asyncio twin (sharing its cluster) for the async methods.
 
 ``SESSION_MEMSESS = {"SAVE_PATH": "tcp://10.0.0.1:11211, tcp://10.0.0.2:11211",
 "REDUNDANCY": 2}``; the other keys are in :data:`OPTIONS`.
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Coroutine
-from typing import Any, Final, ParamSpec, TypeVar
+import weakref
+from collections.abc import Callable, Generator
+from typing import Any, Final, TypeVar
 
-from asgiref.sync import sync_to_async
 from django.conf import settings  # type: ignore[import-untyped]  # Django ships no types
 from django.contrib.sessions.backends.base import (  # type: ignore[import-untyped]
     CreateError,
@@ -22,12 +23,13 @@ from django.contrib.sessions.backends.base import (  # type: ignore[import-untyp
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
 from django.core.signals import setting_changed  # type: ignore[import-untyped]
 
+from memsess.aio import AsyncSessionStore
 from memsess.errors import SessionGoneError
 from memsess.records import is_valid_id, lifetime_seconds
 from memsess.store import SessionStore as MemsessStore
 from memsess.store import Snapshot
 
-__all__ = ["OPTIONS", "SessionStore", "get_store"]
+__all__ = ["OPTIONS", "SessionStore", "get_async_store", "get_store"]
 
 #: Keys of ``settings.SESSION_MEMSESS`` besides the required ``SAVE_PATH``, and the
 #: SessionStore option each sets. The store's ttl is ``SESSION_COOKIE_AGE``.
@@ -40,6 +42,9 @@ OPTIONS: Final = {
 }
 
 _stores: dict[tuple[Any, ...], MemsessStore] = {}
+_async_stores: weakref.WeakKeyDictionary[MemsessStore, AsyncSessionStore] = (
+    weakref.WeakKeyDictionary()  # by the blocking store each shares its cluster with
+)
 _stores_lock = threading.Lock()
 
 
@@ -50,14 +55,6 @@ def _renew_stores_lock() -> None:
 
 
 os.register_at_fork(after_in_child=_renew_stores_lock)
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _in_thread(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
-    # The store is thread-safe, so the async methods run in any executor thread
-    # rather than all in the one thread that thread_sensitive=True would share.
-    return sync_to_async(func, thread_sensitive=False)
 
 
 def get_store() -> MemsessStore:
@@ -84,17 +81,46 @@ def get_store() -> MemsessStore:
     return store
 
 
+def get_async_store() -> AsyncSessionStore:
+    """The asyncio twin of :func:`get_store`, for the async methods: it shares that
+    store's servers, health table, counters and background thread (only connections
+    are its own, one pool per event loop), so sync and async requests of a process
+    see one cluster."""
+    store = get_store()
+    async_store = _async_stores.get(store)
+    if async_store is None:
+        with _stores_lock:
+            async_store = _async_stores.get(store)
+            if async_store is None:
+                async_store = _async_stores[store] = AsyncSessionStore.from_store(store)
+    return async_store
+
+
 def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
     # override_settings() in tests: close the stores of the replaced configuration.
     if setting in ("SESSION_MEMSESS", "SESSION_COOKIE_AGE"):
+        # The async twins share what close() closes; their loops' connections go
+        # with their loops.
         with _stores_lock:
             stores = list(_stores.values())
             _stores.clear()
+            _async_stores.clear()
         for store in stores:
             store.close()
 
 
 setting_changed.connect(_on_setting_changed)
+
+
+T = TypeVar("T")
+#: One store operation of a flow, as a function of the store: ``lambda store:
+#: store.fetch(key)`` answers a Snapshot on a SessionStore and an awaitable of one on an
+#: AsyncSessionStore, whose methods are the same, awaited.
+_Op = Callable[[Any], Any]
+#: A backend method as a generator of store operations (httpx's auth_flow way): it
+#: yields each operation and receives its result (or its exception, thrown in), so one
+#: body holds every decision and two drivers, blocking and async, run it.
+_Flow = Generator[_Op, Any, T]
 
 
 class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped (Any)
@@ -107,6 +133,9 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
     ``SessionInterrupted``). When no copy can be read, loading raises
     :class:`memsess.NoServerAvailableError`, never an empty session that a save
     would then write over the real one.
+
+    The async methods (``aload``, ``asave``, ...) make the same decisions on
+    :class:`memsess.AsyncSessionStore`, on the running event loop, with no thread.
     """
 
     # SessionBase's validating property (an annotation only: nothing set at runtime).
@@ -121,6 +150,16 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
     def store(self) -> MemsessStore:
         return get_store()
 
+    # -- a flow run in this thread, or on the running event loop (drivers below) -------
+
+    def _run(self, flow: _Flow[T]) -> T:
+        return _drive(flow, self.store)
+
+    async def _arun(self, flow: _Flow[T]) -> T:
+        return await _adrive(flow, get_async_store())
+
+    # -- the backend's methods, sync and async ----------------------------------------
+
     def _get_new_session_key(self) -> str:
         # 256 random bits: no need to ask the servers whether the key is taken.
         return self.store.new_id()
@@ -129,98 +168,157 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
         return self._get_new_session_key()
 
     def load(self) -> dict[str, Any]:
-        key = self.session_key
-        self._snapshot = None if key is None else self.store.fetch(key)
-        if self._snapshot is None:
-            self._session_key = None
-            return {}
-        return dict(self._snapshot.data)
+        return self._run(self._load())
+
+    async def aload(self) -> dict[str, Any]:
+        return await self._arun(self._load())
 
     def exists(self, session_key: str | None) -> bool:
-        if session_key is None or not is_valid_id(session_key):
-            return False  # without a round trip
-        return self.store.load(session_key) is not None
+        return self._run(self._exists(session_key))
+
+    async def aexists(self, session_key: str | None) -> bool:
+        return await self._arun(self._exists(session_key))
 
     def create(self) -> None:
-        self._issued = self._get_new_session_key()
-        self._session_key = self._issued
-        self.save(must_create=True)
-        self.modified = True
+        self._run(self._create())
+
+    async def acreate(self) -> None:
+        await self._arun(self._create())
 
     def save(self, must_create: bool = False) -> None:
-        if self.session_key is None:
-            return self.create()
-        data = self._get_session(no_load=must_create)
-        key = self.session_key
-        if key is None:  # loading just found the key unknown: a fresh session
-            return self.create()
-        snapshot = None
-        if must_create:
-            if key != self._issued and (not is_valid_id(key) or self.exists(key)):
-                raise CreateError
-        else:
-            snapshot = self._snapshot or self.store.fetch(key)
-            if snapshot is None:
-                raise UpdateError
-        self._snapshot = None  # its CAS tokens are stale after this write
-        self._write(key, data, snapshot)
-        return None
+        self._run(self._save(must_create))
 
-    def _write(self, key: str, data: dict[str, Any], snapshot: Snapshot | None) -> None:
-        age = self.get_expiry_age()
-        if age <= 0:  # an expiry in the past: the session ends now
-            self.store.delete(key)
-            return
-        ttl = lifetime_seconds(age, name="session expiry age")  # 0.5 s: 1, never 0 (forever)
-        try:
-            self.store.save(key, data, ttl=ttl, snapshot=snapshot)
-        except SessionGoneError as exc:
-            raise UpdateError from exc
+    async def asave(self, must_create: bool = False) -> None:
+        await self._arun(self._save(must_create))
 
     def delete(self, session_key: str | None = None) -> None:
-        if session_key is None:
-            if self.session_key is None:
-                return
-            session_key = self.session_key
-            self._snapshot = None
-        self.store.delete(session_key)
+        self._run(self._delete(session_key))
+
+    async def adelete(self, session_key: str | None = None) -> None:
+        await self._arun(self._delete(session_key))
 
     def cycle_key(self) -> None:
         """A new key for the same data (call at login, as ``django.contrib.auth``
         does): memsess's regenerate, so the old key is logged out everywhere."""
-        data = self._session
-        key = self.session_key
-        if key is None:
-            self.create()
-        else:
-            self._issued = self.store.regenerate(key, data)
-            self._session_key = self._issued
-            self._snapshot = None
-        self._session_cache = data
-        self.modified = True
+        self._run(self._cycle_key())
+
+    async def acycle_key(self) -> None:
+        """The async :meth:`cycle_key`."""
+        await self._arun(self._cycle_key())
 
     @classmethod
     def clear_expired(cls) -> None:
         """Nothing to do: memcached expires sessions by itself."""
 
-    async def aload(self) -> dict[str, Any]:
-        return await _in_thread(self.load)()
-
-    async def aexists(self, session_key: str | None) -> bool:
-        return await _in_thread(self.exists)(session_key)
-
-    async def acreate(self) -> None:
-        await _in_thread(self.create)()
-
-    async def asave(self, must_create: bool = False) -> None:
-        await _in_thread(self.save)(must_create)
-
-    async def adelete(self, session_key: str | None = None) -> None:
-        await _in_thread(self.delete)(session_key)
-
-    async def acycle_key(self) -> None:
-        await _in_thread(self.cycle_key)()
-
     @classmethod
     async def aclear_expired(cls) -> None:
         """Nothing to do: memcached expires sessions by itself."""
+
+    # -- the flows: every decision, once ------------------------------------------------
+
+    def _load(self) -> _Flow[dict[str, Any]]:
+        key = self.session_key
+        snapshot = None
+        if key is not None:
+            snapshot = yield lambda store: store.fetch(key)
+        self._snapshot = snapshot
+        if snapshot is None:
+            self._session_key = None
+            return {}
+        return dict(snapshot.data)
+
+    def _data(self, no_load: bool = False) -> _Flow[dict[str, Any]]:
+        """SessionBase's ``_get_session``, with the load as a step of the flow."""
+        if not no_load and self.session_key is not None and not hasattr(self, "_session_cache"):
+            self._session_cache = yield from self._load()
+        data: dict[str, Any] = self._get_session(no_load=no_load)  # loaded: no I/O
+        return data
+
+    def _exists(self, session_key: str | None) -> _Flow[bool]:
+        if session_key is None or not is_valid_id(session_key):
+            return False  # without a round trip
+        data = yield lambda store: store.load(session_key)
+        return data is not None
+
+    def _create(self) -> _Flow[None]:
+        self._issued = self._get_new_session_key()
+        self._session_key = self._issued
+        yield from self._save(must_create=True)
+        self.modified = True
+
+    def _save(self, must_create: bool) -> _Flow[None]:
+        if self.session_key is None:
+            return (yield from self._create())
+        data = yield from self._data(no_load=must_create)
+        key = self.session_key
+        if key is None:  # loading just found the key unknown: a fresh session
+            return (yield from self._create())
+        snapshot = None
+        if must_create:
+            if key != self._issued and (not is_valid_id(key) or (yield from self._exists(key))):
+                raise CreateError
+        else:
+            snapshot = self._snapshot or (yield lambda store: store.fetch(key))
+            if snapshot is None:
+                raise UpdateError
+        self._snapshot = None  # its CAS tokens are stale after this write
+        age = self.get_expiry_age()  # from the loaded data: no I/O
+        if age <= 0:  # an expiry in the past: the session ends now
+            yield lambda store: store.delete(key)
+            return None
+        ttl = lifetime_seconds(age, name="session expiry age")  # 0.5 s: 1, never 0 (forever)
+        try:
+            yield lambda store: store.save(key, data, ttl=ttl, snapshot=snapshot)
+        except SessionGoneError as exc:
+            raise UpdateError from exc
+        return None
+
+    def _delete(self, session_key: str | None) -> _Flow[None]:
+        if session_key is None:
+            if self.session_key is None:
+                return
+            session_key = self.session_key
+            self._snapshot = None
+        yield lambda store: store.delete(session_key)
+
+    def _cycle_key(self) -> _Flow[None]:
+        data = yield from self._data()
+        key = self.session_key
+        if key is None:
+            yield from self._create()
+        else:
+            self._issued = yield lambda store: store.regenerate(key, data)
+            self._session_key = self._issued
+            self._snapshot = None
+        self._session_cache = data
+        self.modified = True
+
+
+def _drive(flow: _Flow[T], store: MemsessStore) -> T:
+    """Run a flow on the blocking store, in this thread."""
+    try:
+        operation = next(flow)
+        while True:
+            try:
+                result = operation(store)
+            except Exception as exc:  # the flow's to handle (thrown in)
+                operation = flow.throw(exc)
+            else:
+                operation = flow.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def _adrive(flow: _Flow[T], store: AsyncSessionStore) -> T:
+    """Run a flow on the async store, on the running event loop: no thread."""
+    try:
+        operation = next(flow)
+        while True:
+            try:
+                result = await operation(store)
+            except Exception as exc:  # the flow's to handle (thrown in)
+                operation = flow.throw(exc)
+            else:
+                operation = flow.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]

@@ -1,7 +1,8 @@
 """memsess: web sessions in a cluster of memcached servers, with redundancy.
 
 ``SessionStore.from_dsn("tcp://a:11211, tcp://b:11211", redundancy=2)`` is the
-whole entry point; see the README for the adapters (Flask, Django, WSGI).
+whole entry point (``AsyncSessionStore`` for asyncio); see the README for the adapters
+(Flask, Django, WSGI, ASGI: Starlette and FastAPI, Quart, Litestar).
 """
 
 from memsess.aio import AsyncSessionStore

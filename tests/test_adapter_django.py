@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import django_settings
+import django_urls
 import pytest
 from adapter_support import (
     BAD_COOKIES,
@@ -29,17 +31,23 @@ from adapter_support import (
     ttl_left,
     version_of,
 )
+from django.contrib.sessions.backends.base import UpdateError
 from django.core.exceptions import ImproperlyConfigured
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.test import AsyncClient, Client, SimpleTestCase, override_settings
+from django.urls import path
 
 import memsess
-from memsess.adapters.django import SessionStore, get_store
+from memsess.adapters.django import SessionStore, get_async_store, get_store
 from memsess.testing import LocalCluster
 
 django_settings.setup()  # downloads Django's sdist on first use; a failure is an error
 SessionTestsMixin: Any = importlib.import_module("sessions_tests.tests").SessionTestsMixin
 NAME = "sessionid"  # Django's default SESSION_COOKIE_NAME
+
+
+#: The store operations, the same names on the blocking and the async store.
+OPERATIONS = ("fetch", "load", "save", "touch", "delete", "regenerate")
 
 
 def memsess_setting(cluster: LocalCluster, **options: Any) -> dict[str, Any]:
@@ -53,11 +61,51 @@ def suite_cluster() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def store_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tuple[str, int]]]:
+    """Every store operation the test makes, as (name, thread id), by driver:
+    ``{"sync": [...], "async": [...]}``."""
+    calls: dict[str, list[tuple[str, int]]] = {"sync": [], "async": []}
+
+    def spy(method: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            calls["sync"].append((name, threading.get_ident()))
+            return method(*args, **kwargs)
+
+        return record
+
+    def aspy(method: Callable[..., Awaitable[Any]], name: str) -> Callable[..., Awaitable[Any]]:
+        async def record(*args: Any, **kwargs: Any) -> Any:
+            calls["async"].append((name, threading.get_ident()))
+            return await method(*args, **kwargs)
+
+        return record
+
+    for name in OPERATIONS:
+        monkeypatch.setattr(
+            memsess.SessionStore, name, spy(getattr(memsess.SessionStore, name), name)
+        )
+        async_method = getattr(memsess.AsyncSessionStore, name)
+        monkeypatch.setattr(memsess.AsyncSessionStore, name, aspy(async_method, name))
+    return calls
+
+
 @pytest.mark.usefixtures("suite_cluster")
 class MemsessDjangoSuite(SessionTestsMixin, SimpleTestCase):  # type: ignore[misc]
-    """Django's own 65 sync and async backend tests, unchanged, on memsess."""
+    """Django's own 65 sync and async backend tests, unchanged, on memsess: its 28
+    async tests on the async store only, its sync tests on the blocking store only."""
 
     backend = SessionStore
+
+    @pytest.fixture(autouse=True)
+    def _one_driver_per_test(self, store_calls: dict[str, list[tuple[str, int]]]) -> Iterator[None]:
+        test = getattr(type(self), self._testMethodName)
+        yield
+        if inspect.iscoroutinefunction(test):
+            # Only the mixin's own cleanup, addCleanup(self.session.delete), is sync.
+            assert [name for name, _ in store_calls["sync"]] in ([], ["delete"])
+        else:
+            assert store_calls["async"] == []
 
 
 @pytest.fixture
@@ -99,6 +147,160 @@ def test_async_views_use_the_async_methods(cluster: LocalCluster) -> None:
         return [(await client.get("/acount")).content for _ in range(3)]
 
     assert asyncio.run(visit()) == [b"1", b"2", b"3"]
+
+
+# -- async: views on AsyncClient, the methods on the event loop, faults -----------------
+
+
+async def alogin(request: HttpRequest) -> HttpResponse:
+    await request.session.acycle_key()  # what django.contrib.auth.alogin() does
+    await request.session.aset("user", request.GET["user"])
+    return HttpResponse("ok")
+
+
+async def awhoami(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(await request.session.aget("user", ""))
+
+
+async def alogout(request: HttpRequest) -> HttpResponse:
+    await request.session.aflush()  # what django.contrib.auth.alogout() does
+    return HttpResponse("bye")
+
+
+# ROOT_URLCONF for the async tests: the app's URLs and these async views.
+urlpatterns = [
+    *django_urls.urlpatterns,
+    path("alogin", alogin),
+    path("awhoami", awhoami),
+    path("alogout", alogout),
+]
+async_urls = override_settings(ROOT_URLCONF=__name__)
+
+
+@async_urls
+def test_async_login_counter_logout(
+    cluster: LocalCluster,
+    store: memsess.SessionStore,
+    store_calls: dict[str, list[tuple[str, int]]],
+) -> None:
+    # The views load, cycle and flush on the async store; Django's SessionMiddleware
+    # (5.2) still saves at the end of the request with the sync save(), in its thread.
+    async def visit() -> tuple[str, str, list[bytes]]:
+        client = AsyncClient()
+        visitor = sid_of(await client.get("/acount"))
+        sid = sid_of(await client.get("/alogin?user=alice"))
+        seen = [(await client.get(path)).content for path in ("/acount", "/acount", "/awhoami")]
+        response = await client.get("/alogout")
+        assert response.cookies[NAME].value == ""
+        seen.append((await client.get("/awhoami")).content)
+        return visitor, sid, seen
+
+    visitor, sid, seen = asyncio.run(visit())
+    assert seen == [b"2", b"3", b"alice", b""]
+    assert sid != visitor
+    assert store.load(visitor) is None  # cycled away at login
+    assert store.load(sid) is None  # logged out
+    assert get("/whoami", sid).content == b""
+    assert {"fetch", "regenerate", "delete"} <= {name for name, _ in store_calls["async"]}
+
+
+def test_async_methods_run_on_the_event_loop_without_the_blocking_store(
+    cluster: LocalCluster, store_calls: dict[str, list[tuple[str, int]]]
+) -> None:
+    async def session_life() -> int:
+        session = SessionStore()
+        await session.aset("user", "alice")
+        await session.asave()
+        key = session.session_key
+        assert await session.aexists(key)
+        again = SessionStore(key)
+        assert await again.aget("user") == "alice"
+        await again.acycle_key()
+        assert not await again.aexists(key)
+        await again.aset("cart", ["book"])
+        await again.asave()
+        await again.aflush()
+        return threading.get_ident()
+
+    threads_before = threading.active_count()
+    loop_thread = asyncio.run(session_life())
+    assert store_calls["sync"] == []
+    assert {name for name, _ in store_calls["async"]} >= {"fetch", "load", "save", "regenerate"}
+    assert {thread for _, thread in store_calls["async"]} == {loop_thread}
+    assert threading.active_count() == threads_before  # no executor was started either
+
+
+def test_async_save_after_a_logout_elsewhere_raises_update_error(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    async def race() -> str:
+        session = SessionStore()
+        await session.aset("user", "alice")
+        await session.asave()
+        request = SessionStore(session.session_key)
+        await request.aset("cart", ["book"])  # this request loaded the session...
+        await SessionStore(session.session_key).adelete()  # ...another logged out
+        with pytest.raises(UpdateError):
+            await request.asave()
+        assert await SessionStore(session.session_key).aload() == {}
+        return str(session.session_key)
+
+    sid = asyncio.run(race())
+    assert store.load(sid) is None
+    assert len(holders(cluster, store, sid)) == 2  # the tombstones stayed
+
+
+def test_sync_and_async_requests_share_one_health_table(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    sid = sid_of(Client().get("/login?user=alice"))
+    down = holders(cluster, store, sid)[0]
+    cluster.kill(down)
+
+    async def load() -> Any:
+        return await SessionStore(sid).aget("user")
+
+    assert asyncio.run(load()) == "alice"  # the async store meets the dead server...
+    states = {status.address: status.state for status in store.health()}
+    assert states[cluster.servers[down].address] == "down"  # ...and the sync store knows
+    assert get_async_store().health()[down].state == "down"
+
+
+@async_urls
+def test_users_stay_logged_in_while_a_server_is_killed_during_async_traffic(
+    cluster: LocalCluster, store: memsess.SessionStore
+) -> None:
+    users, rounds = 8, 6
+    halfway = asyncio.Event()
+
+    async def user(name: str) -> tuple[str, list[bytes]]:
+        client = AsyncClient()
+        sid = sid_of(await client.get(f"/alogin?user={name}"))
+        counts = []
+        for done in range(rounds):
+            counts.append((await client.get("/acount")).content)
+            if done == rounds // 2:
+                halfway.set()
+        counts.append((await client.get("/awhoami")).content)
+        return sid, counts
+
+    async def traffic() -> list[tuple[str, list[bytes]]]:
+        async def kill_at_halfway() -> None:
+            await halfway.wait()  # the first user halfway, the others in flight
+            cluster.kill(1)
+
+        *results, _ = await asyncio.gather(
+            *(user(f"u{i}") for i in range(users)), kill_at_halfway()
+        )
+        return results
+
+    results = asyncio.run(traffic())
+    expected = [str(n).encode() for n in range(1, rounds + 1)]
+    for index, (sid, counts) in enumerate(results):
+        assert counts == [*expected, f"u{index}".encode()]
+        assert store.load(sid) == {"user": f"u{index}", "count": rounds}
+    killed = cluster.servers[1].address
+    assert any(killed in store.locate(sid) for sid, _ in results)  # it held some copies
 
 
 def test_request_that_never_reads_the_session_writes_nothing(
