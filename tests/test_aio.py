@@ -324,3 +324,33 @@ def test_a_server_closing_an_idle_connection_raises_its_trust_floor(
             assert await store.load(sid) == {"n": 1}
 
     run(cluster, body)
+
+
+def test_a_copy_still_connecting_is_not_cut_before_its_write_is_sent(
+    cluster: LocalCluster,
+) -> None:
+    # Server 0 has a pooled connection and answers at once; server 1 has none, so its
+    # write waits for a connect that takes this loop a few turns. The cut (at once
+    # after the first reply) must not drop a write that never left: it is sent, then
+    # cut, and the server stores it.
+    from memsess import protocol
+    from memsess.transport import FirstReply
+    from memsess.transport.aio import AsyncFanout
+
+    async def body(store: AsyncSessionStore) -> None:
+        pools = store._loop_pools()
+        warm = await AsyncFanout(pools, [(0, protocol.version())], FirstReply(1.0)).run()
+        assert warm.results[0] is not None
+        for n in range(20):
+            key = b"memsess:cut-%d" % n
+            batch = [(index, protocol.set(key, b"x", exptime=60)) for index in (0, 1)]
+            pools.close()  # server 1's connection is made anew each round...
+            await AsyncFanout(pools, [(0, protocol.version())], FirstReply(1.0)).run()
+            run = await AsyncFanout(pools, batch, FirstReply(0.0)).run()  # ...not server 0's
+            assert run.results[0] is not None
+            deadline = time.monotonic() + 5
+            while cluster.get_raw(1, key) is None:
+                assert time.monotonic() < deadline, f"round {n}: {run.results[1]}"
+                await asyncio.sleep(0.001)
+
+    run(cluster, body)

@@ -157,7 +157,7 @@ def test_server_restarted_empty_is_refilled_by_read_repair(
 
 
 @pytest.mark.parametrize("burners", [0, 3], ids=["quiet", "three-cpu-burners"])
-@pytest.mark.parametrize("fault", ["kill", "hang"])
+@pytest.mark.parametrize("fault", ["kill", "hang", "restart"])
 def test_eight_threads_of_mixed_traffic_through_a_fault(
     cluster: LocalCluster, store: SessionStore, fault: str, burners: int
 ) -> None:
@@ -197,7 +197,7 @@ def _eight_threads_through(cluster: LocalCluster, store: SessionStore, fault: st
     time.sleep(1.0)
     if fault == "kill":
         cluster.start_server(FAULTY)
-    else:
+    elif fault == "hang":
         cluster.resume(FAULTY)
     time.sleep(0.5)
     stop.set()
