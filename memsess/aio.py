@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from memsess.dsn import ServerSpec
 from memsess.plans import Flow
-from memsess.serializers import Serializer
-from memsess.store import DEFAULT_MAX_ITEM_SIZE, DEFAULT_TTL, Snapshot, StoreCore
+from memsess.store import Snapshot, StoreCore
 from memsess.transport.aio import AsyncFanout, LoopPools
 
 __all__ = ["AsyncSessionStore"]
@@ -37,29 +35,6 @@ class AsyncSessionStore(StoreCore):
     thread; a task cancelled in the middle of an operation closes the connections it
     was waiting on, so no reply is left behind to be misread.
     """
-
-    def __init__(
-        self,
-        servers: Sequence[ServerSpec],
-        *,
-        redundancy: int | None = None,
-        ttl: float = DEFAULT_TTL,
-        serializer: str | Serializer = "msgpack",
-        key_prefix: str = "memsess:",
-        straggler_window: float | None = None,
-        max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
-    ) -> None:
-        """The options of :class:`memsess.SessionStore`."""
-        super().__init__(
-            servers,
-            redundancy=redundancy,
-            ttl=ttl,
-            serializer=serializer,
-            key_prefix=key_prefix,
-            straggler_window=straggler_window,
-            max_item_size=max_item_size,
-        )
-        self._shared_init()
 
     def _shared_init(self) -> None:
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopPools] = (

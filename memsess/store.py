@@ -124,6 +124,7 @@ class StoreCore:
         # whichever driver the requests use: no request ever waits for them.
         self._maintenance = Maintenance(self._cluster, self._plans, self._run)
         self._cluster.on_down = self._maintenance.wake
+        self._shared_init()
 
     @classmethod
     def from_dsn(cls: type[S], dsn: str, **options: Any) -> S:
@@ -142,7 +143,8 @@ class StoreCore:
         return store
 
     def _shared_init(self) -> None:
-        """Set up what a store of this kind holds beyond the shared core."""
+        """Set up what a store of this kind holds beyond the shared core (called by
+        __init__ and by from_store)."""
 
     @property
     def redundancy(self) -> int:

@@ -206,12 +206,6 @@ def ws_read(url: str, path: str, sid: str | None) -> str:
 
 
 @pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster(3) as local:
-        yield local
-
-
-@pytest.fixture
 def store(cluster: LocalCluster) -> Iterator[SessionStore]:
     """The blocking store the tests inspect the cluster with."""
     with make_store(cluster, ttl=600) as store:

@@ -109,12 +109,6 @@ def sid_of(client: FlaskClient) -> str:
 
 
 @pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster(3) as local:
-        yield local
-
-
-@pytest.fixture
 def store(cluster: LocalCluster) -> Iterator[SessionStore]:
     with make_store(cluster) as store:
         yield store

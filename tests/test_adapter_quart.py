@@ -166,12 +166,6 @@ def serve(app: Quart) -> Iterator[str]:
 
 
 @pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster(3) as local:
-        yield local
-
-
-@pytest.fixture
 def store(cluster: LocalCluster) -> Iterator[SessionStore]:
     """The blocking store the tests inspect the cluster with."""
     with make_store(cluster) as store:

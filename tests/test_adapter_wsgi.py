@@ -100,12 +100,6 @@ def login(app: Any, user: str = "alice", cookie: str | None = None) -> str:
 
 
 @pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster(3) as local:
-        yield local
-
-
-@pytest.fixture
 def store(cluster: LocalCluster) -> Iterator[SessionStore]:
     with make_store(cluster, ttl=600) as store:
         yield store

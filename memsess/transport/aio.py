@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from math import inf
 from time import monotonic
-from typing import Final
 
 from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError, MemsessError
@@ -26,14 +25,19 @@ from memsess.protocol import ClientProtocol, Command
 from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result, connect_error
 from memsess.transport.fanout import WaitRule
 from memsess.transport.pool import DEFAULT_MAX_IDLE, ServerPool
-from memsess.transport.udp import DatagramLostError, UdpPool, UdpRoutes, _UdpConnection
+from memsess.transport.udp import (
+    UdpPool,
+    UdpRoutes,
+    _UdpConnection,
+    cut_off,
+    read_datagrams,
+    record_fallback,
+)
 from memsess.transport.udp_core import UdpRead
 
 __all__ = ["AsyncFanout", "LoopPools", "StreamConnection"]
 
 log = logging.getLogger("memsess.transport")
-
-_UDP_RECV_SIZE: Final = 65536  # over any datagram's size: a datagram is never cut by recv
 
 
 class StreamConnection(asyncio.Protocol):
@@ -370,27 +374,16 @@ class AsyncFanout:
         if pending is None:
             return
         udp, read, conn = pending
-        recv = conn.sock.recv
-        while True:
-            try:
-                datagram = recv(_UDP_RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self._over_tcp(slot, exc)
-                return
-            outcome = read.datagram_received(datagram)
-            if outcome is None:
-                continue
-            if isinstance(outcome, str):
-                self._over_tcp(slot, outcome)
-                return
+        outcome = read_datagrams(conn.sock, read)
+        if outcome is None:
+            read.progressed(monotonic(), self.exchanges[slot].deadline)
+        elif isinstance(outcome, (str, OSError)):
+            self._over_tcp(slot, outcome)
+        else:
             self._loop.remove_reader(conn.fd)
             self._udp[slot] = None
             udp.replied(conn)  # pools the socket again
             self._finish(slot, outcome)
-            return
-        read.progressed(monotonic(), self.exchanges[slot].deadline)
 
     def _over_tcp(self, slot: int, cause: OSError | str) -> None:
         """Drop the UDP socket (a late datagram then has nowhere to land) and send the
@@ -401,11 +394,7 @@ class AsyncFanout:
         self._udp[slot] = None
         self._loop.remove_reader(conn.fd)
         conn.close()
-        refused = isinstance(cause, ConnectionRefusedError)  # ICMP port unreachable: no -U
-        if isinstance(cause, OSError):
-            cause = "nothing listens on the UDP port (refused)" if refused else f"UDP: {cause}"
-        log.debug("memcached %s: read retried over TCP: %s", udp.spec.name, cause)
-        udp.record_loss(cause, refused=refused)
+        record_fallback(udp, cause)
         self._open_stream(slot)
 
     # -- time ----------------------------------------------------------------------------
@@ -448,12 +437,7 @@ class AsyncFanout:
             elif not straggler:
                 self._over_tcp(slot, f"no complete reply within {pending[1].udp_wait * 1000:g} ms")
             else:
-                # Cut off while on UDP: the datagram may just be lost, which says nothing
-                # about the server, so the error is one health does not count.
-                udp = pending[0]
-                udp.record_loss("no reply within the straggler window")
-                message = f"memcached {udp.spec.name}: no UDP reply within the straggler window"
-                self._end(slot, DatagramLostError(message, straggler=True), keep=False)
+                self._end(slot, cut_off(pending[0]), keep=False)
         if self._pending:
             self._arm()
 

@@ -23,7 +23,14 @@ from memsess.errors import ConnectError, MemsessError
 from memsess.protocol import Command
 from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result
 from memsess.transport.pool import Connection, ServerPool
-from memsess.transport.udp import DatagramLostError, UdpPool, UdpRoutes, _UdpConnection
+from memsess.transport.udp import (
+    UdpPool,
+    UdpRoutes,
+    _UdpConnection,
+    cut_off,
+    read_datagrams,
+    record_fallback,
+)
 from memsess.transport.udp_core import UdpRead
 
 __all__ = ["DEFAULT_STRAGGLER_WINDOW", "Fanout", "FirstReply", "Result", "WaitRule", "fanout"]
@@ -39,7 +46,6 @@ _INF: Final = float("inf")
 # bytes before it reads, and 256 KiB cost an mmap, an mremap and a munmap per call (three
 # system calls around every reply, seen with strace -c); a larger reply takes more calls.
 _RECV_SIZE: Final = 65536
-_UDP_RECV_SIZE: Final = 65536  # over any datagram's size: a datagram is never cut by recv
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
 _POLL_FAILED: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
@@ -337,27 +343,16 @@ class Fanout:
             self._unwatch(slot)
             self._send_datagram(slot, conn, read)
             return
-        recv = conn.sock.recv
-        while True:
-            try:
-                datagram = recv(_UDP_RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self._over_tcp(slot, exc)
-                return
-            outcome = read.datagram_received(datagram)
-            if outcome is None:
-                continue
-            if isinstance(outcome, str):
-                self._over_tcp(slot, outcome)
-                return
+        outcome = read_datagrams(conn.sock, read)
+        if outcome is None:
+            read.progressed(monotonic(), self.exchanges[slot].deadline)
+        elif isinstance(outcome, (str, OSError)):
+            self._over_tcp(slot, outcome)
+        else:
             self._unwatch(slot)
             self._udp[slot] = None
             udp.replied(conn)  # pools the socket again
             self._finish(slot, outcome)
-            return
-        read.progressed(monotonic(), self.exchanges[slot].deadline)
 
     def _over_tcp(self, slot: int, cause: OSError | str) -> None:
         """Drop the UDP socket (a late datagram then has nowhere to land) and send the
@@ -368,11 +363,7 @@ class Fanout:
         if conn is not None:
             conn.close()
         self._udp[slot] = None
-        refused = isinstance(cause, ConnectionRefusedError)  # ICMP port unreachable: no -U
-        if isinstance(cause, OSError):
-            cause = "nothing listens on the UDP port (refused)" if refused else f"UDP: {cause}"
-        log.debug("memcached %s: read retried over TCP: %s", udp[0].spec.name, cause)
-        udp[0].record_loss(cause, refused=refused)
+        record_fallback(udp[0], cause)
         self._open_stream(slot)
 
     def _expire(self, now: float) -> None:
@@ -389,12 +380,7 @@ class Fanout:
             elif not straggler:
                 self._over_tcp(slot, f"no complete reply within {udp[1].udp_wait * 1000:g} ms")
             else:
-                # Cut off while on UDP: the datagram may just be lost, which says nothing
-                # about the server, so the error is one health does not count.
-                udp[0].record_loss("no reply within the straggler window")
-                name = udp[0].spec.name
-                message = f"memcached {name}: no UDP reply within the straggler window"
-                self._end(slot, DatagramLostError(message, straggler=True), keep=False)
+                self._end(slot, cut_off(udp[0]), keep=False)
 
     # -- ending --------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Final
 
 from memsess.dsn import ServerSpec
 from memsess.errors import TimeoutError
-from memsess.protocol import Command, ReplyKind
+from memsess.protocol import Command, Reply, ReplyKind
 from memsess.transport.pool import (
     DEFAULT_MAX_IDLE,
     Connection,
@@ -29,15 +29,26 @@ from memsess.transport.pool import (
 from memsess.transport.udp_core import (
     HEADER,
     MAX_DATAGRAM,
+    UdpRead,
     UdpState,
     udp_after_loss,
     udp_after_reply,
     udp_claim_retry,
 )
 
-__all__ = ["DEFAULT_UDP_WAIT", "DatagramLostError", "UdpPool", "UdpRoutes"]
+__all__ = [
+    "DEFAULT_UDP_WAIT",
+    "DatagramLostError",
+    "UdpPool",
+    "UdpRoutes",
+    "cut_off",
+    "read_datagrams",
+    "record_fallback",
+]
 
 log = logging.getLogger("memsess.transport.udp")
+
+_UDP_RECV_SIZE: Final = 65536  # over any datagram's size: a datagram is never cut by recv
 
 #: Seconds without a new datagram after which a UDP reply counts as lost and the read is
 #: retried over TCP. A LAN answers in tens of microseconds; 2 ms absorbs scheduling noise
@@ -242,3 +253,37 @@ class UdpRoutes:
         ):
             return None
         return udp
+
+
+def read_datagrams(sock: socket.socket, read: UdpRead) -> Reply | str | OSError | None:
+    """Feed ``read`` every datagram waiting on ``sock``: the reply once it is whole,
+    why to retry over TCP (a str, or the OSError ``recv`` raised), or None (wait on)."""
+    while True:
+        try:
+            datagram = sock.recv(_UDP_RECV_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return exc
+        outcome = read.datagram_received(datagram)
+        if outcome is not None:
+            return outcome
+
+
+def record_fallback(udp: UdpPool, cause: OSError | str) -> None:
+    """A read on ``udp`` is retried over TCP because of ``cause``: note it for the
+    server's UDP state (refused: nothing listens there, so UDP is off for a while)."""
+    refused = isinstance(cause, ConnectionRefusedError)  # ICMP port unreachable: no -U
+    if isinstance(cause, OSError):
+        cause = "nothing listens on the UDP port (refused)" if refused else f"UDP: {cause}"
+    log.debug("memcached %s: read retried over TCP: %s", udp.spec.name, cause)
+    udp.record_loss(cause, refused=refused)
+
+
+def cut_off(udp: UdpPool) -> DatagramLostError:
+    """A read on ``udp`` cut off by the straggler window: the datagram may just be lost,
+    which says nothing about the server, so the error is one health does not count."""
+    udp.record_loss("no reply within the straggler window")
+    return DatagramLostError(
+        f"memcached {udp.spec.name}: no UDP reply within the straggler window", straggler=True
+    )
