@@ -570,5 +570,12 @@ def test_example_app_runs(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
         assert client.get("/login/alice").text == "logged in as alice"
         assert client.get("/").text == "alice, visit 2"
         assert client.get("/me").json() == {"user": "alice"}
+        # The session survives a killed server holding one of its copies.
+        sid = client.cookies[NAME]
+        with make_store(cluster) as inspector:
+            first = next(s.index for s in cluster.servers if s.address == inspector.locate(sid)[0])
+        cluster.kill(first)
+        assert client.get("/").text == "alice, visit 3"
+        assert client.get("/me").json() == {"user": "alice"}
         assert client.get("/logout").text == "logged out"
         assert client.get("/").text == "anonymous, visit 1"
