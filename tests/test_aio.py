@@ -354,3 +354,37 @@ def test_a_copy_still_connecting_is_not_cut_before_its_write_is_sent(
                 await asyncio.sleep(0.001)
 
     run(cluster, body)
+
+
+class SlowAfterFirstReply:
+    """A wait rule that, at the first reply, gives the others 5 ms, then keeps the loop
+    busy for 20 ms (a CPU-heavy handler on the same loop): by the time a copy that was
+    still connecting is sent, that cut is long past."""
+
+    def __init__(self) -> None:
+        self.cut_at = float("inf")
+
+    def on_result(self, slot: int, result: object, now: float) -> float:
+        if self.cut_at == float("inf"):
+            self.cut_at = now + 0.005
+            time.sleep(0.020)
+        return self.cut_at
+
+
+def test_a_copy_sent_after_the_cut_still_gets_its_window(cluster: LocalCluster) -> None:
+    from memsess import protocol
+    from memsess.protocol import Version
+    from memsess.transport import FirstReply
+    from memsess.transport.aio import AsyncFanout
+
+    async def body(store: AsyncSessionStore) -> None:
+        pools = store._loop_pools()
+        for _ in range(10):
+            pools.close()  # server 1's connection is made anew each round...
+            await AsyncFanout(pools, [(0, protocol.version())], FirstReply(1.0)).run()
+            batch = [(0, protocol.version()), (1, protocol.version())]
+            run = await AsyncFanout(pools, batch, SlowAfterFirstReply()).run()
+            # ...and sent after the cut: it still gets 5 ms, plenty for a healthy server.
+            assert isinstance(run.results[1], Version), run.results[1]
+
+    run(cluster, body)

@@ -18,13 +18,14 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from math import inf
 from time import monotonic
+from typing import Final
 
 from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError, MemsessError
 from memsess.protocol import ClientProtocol, Command
 from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result, connect_error
 from memsess.transport.fanout import WaitRule
-from memsess.transport.pool import DEFAULT_MAX_IDLE, ServerPool
+from memsess.transport.pool import ServerPool
 from memsess.transport.udp import (
     UdpPool,
     UdpRoutes,
@@ -38,6 +39,12 @@ from memsess.transport.udp_core import UdpRead
 __all__ = ["AsyncFanout", "LoopPools", "StreamConnection"]
 
 log = logging.getLogger("memsess.transport")
+
+#: Idle connections kept per server and event loop. More than a thread pool needs: one
+#: loop runs many requests at once (100 tasks keep ~70 commands in flight per server),
+#: and with fewer the loop opens and closes connections all the time, each connect
+#: costing loop turns that a busy loop may not have within a straggler window.
+LOOP_MAX_IDLE: Final = 128
 
 
 class StreamConnection(asyncio.Protocol):
@@ -121,7 +128,7 @@ class LoopPools:
         pools: Sequence[ServerPool],
         *,
         on_reset: Callable[[int], None],
-        max_idle: int = DEFAULT_MAX_IDLE,
+        max_idle: int = LOOP_MAX_IDLE,
     ) -> None:
         """``pools``: the blocking pools of the same servers (their resolved addresses);
         ``on_reset(index)``: server ``index`` closed an idle connection."""
@@ -200,12 +207,14 @@ class AsyncFanout:
         "_pools",
         "_routes",
         "_rule",
+        "_sent_at",
         "_start",
         "_stream_pools",
         "_tasks",
         "_timer",
         "_timer_at",
         "_udp",
+        "_window",
         "exchanges",
         "latency",
         "results",
@@ -227,11 +236,13 @@ class AsyncFanout:
         self._rule = rule
         self._routes = routes
         self._cut_at = inf
+        self._window = 0.0  # the straggler window the rule gave when it set _cut_at
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = inf
         self._done: asyncio.Future[None] | None = None
         count = len(indexes)
         self._pending = count
+        self._sent_at = [inf] * count  # when each command was written (inf: not yet)
         self._conns: list[StreamConnection | None] = [None] * count
         self._tasks: list[asyncio.Task[None] | None] = [None] * count
         self._udp: list[tuple[UdpPool, UdpRead, _UdpConnection] | None] = [None] * count
@@ -268,6 +279,7 @@ class AsyncFanout:
         self._open_stream(slot)
 
     def _open_stream(self, slot: int, fresh: bool = False) -> None:
+        self._sent_at[slot] = inf  # until written on the new connection
         conn = None if fresh else self._pools.take(self._indexes[slot])
         if conn is None:
             self._tasks[slot] = self._loop.create_task(self._connect(slot))
@@ -309,7 +321,8 @@ class AsyncFanout:
         assert transport is not None
         transport.write(out)  # buffered by the transport if the socket takes less
         exchange.sent(len(out))
-        if self._cut_at != inf:  # connected after the cut: it gets the cut from now on
+        self._sent_at[slot] = monotonic()
+        if self._cut_at != inf:  # sent after the cut was set: its own window from now
             self._arm()
 
     def _begin_udp(self, slot: int, udp: UdpPool, udp_wait: float) -> bool:
@@ -330,7 +343,8 @@ class AsyncFanout:
             self._over_tcp(slot, exc)
             return True
         read.datagram = b""
-        read.sent(monotonic(), exchange.deadline)
+        self._sent_at[slot] = now = monotonic()
+        read.sent(now, exchange.deadline)
         self._loop.add_reader(conn.fd, self._udp_ready, slot)
         return True
 
@@ -399,14 +413,22 @@ class AsyncFanout:
 
     # -- time ----------------------------------------------------------------------------
 
+    def _cut_of(self, slot: int) -> float:
+        """When ``slot`` may be cut off as a straggler: the rule's cut, and never before
+        the window has passed since its command was written. A command not yet written
+        (its connect waits for this loop) is never cut: a write cut then would skip a
+        copy because the loop was busy, not because the server was."""
+        return max(self._cut_at, self._sent_at[slot] + self._window)
+
     def _arm(self) -> None:
         """Have :meth:`_expire` called at the earliest time a waiting slot may end."""
-        limit = self._cut_at
+        limit = inf
+        exchanges = self.exchanges
         for slot, result in enumerate(self.results):
             if result is None:
                 pending = self._udp[slot]
-                deadline = self.exchanges[slot].deadline if pending is None else pending[1].deadline
-                limit = min(limit, deadline)
+                deadline = exchanges[slot].deadline if pending is None else pending[1].deadline
+                limit = min(limit, deadline, self._cut_of(slot))
         if limit == self._timer_at:
             return
         if self._timer is not None:
@@ -418,18 +440,13 @@ class AsyncFanout:
         self._timer = None
         self._timer_at = inf
         now = monotonic()
-        cut_at = self._cut_at
         for slot, result in enumerate(self.results):
             if result is not None:
                 continue
             exchange = self.exchanges[slot]
             pending = self._udp[slot]
             deadline = exchange.deadline if pending is None else pending[1].deadline
-            # Only a command already written may be cut as a straggler: a write cut while
-            # its connect waits for this loop would skip a copy because the loop was busy.
-            straggler = cut_at <= now < exchange.deadline and (
-                pending is not None or self._conns[slot] is not None
-            )
+            straggler = self._cut_of(slot) <= now < exchange.deadline
             if not straggler and now < deadline:
                 continue
             if pending is None:
@@ -474,7 +491,10 @@ class AsyncFanout:
         now = monotonic()
         self.results[slot] = result
         self.latency[slot] = now - self._start
-        self._cut_at = cut_at = self._rule.on_result(slot, result, now)
+        cut_at = self._rule.on_result(slot, result, now)
+        if cut_at != self._cut_at:
+            self._cut_at = cut_at
+            self._window = max(0.0, cut_at - now)
         self._pending -= 1
         if not self._pending:
             if self._timer is not None:
