@@ -13,7 +13,12 @@ pinning never touch the next):
   kill and a restart, and docs/failover.png (bench/failover.py);
 - ``hotpaths``: where load and save spend their time, layer by layer, and a
   profile (bench/hotpaths.py);
-- ``udp``: bench/bench_udp.py, when it exists.
+- ``udp``: bench/bench_udp.py, when it exists;
+- ``aio``: the asyncio store against the blocking one and aiomcache, one at a
+  time and 100 tasks on one loop (bench/aio.py);
+- ``loopstall``: how late a 10 ms ticker on the event loop runs while a server
+  hangs, the async store against a blocking store called on the loop
+  (bench/loopstall.py).
 
 ``--smoke`` runs every part with tiny counts in a few seconds and exits 1 if
 any part fails: for CI, it checks that everything runs, never how fast.
@@ -33,7 +38,17 @@ from pathlib import Path
 from bench.cpus import PIN_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("steady", "report", "versus", "threads", "failover", "hotpaths", "udp")
+PARTS = (
+    "steady",
+    "report",
+    "versus",
+    "threads",
+    "failover",
+    "hotpaths",
+    "udp",
+    "aio",
+    "loopstall",
+)
 
 
 def _steady(smoke: bool) -> list[str]:

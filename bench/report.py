@@ -11,7 +11,9 @@ reads over UDP), then measures, in this order:
 2. save at redundancy 2 against the naive sequential pair through a delay
    relay (one relay process per server, adding a one-way delay both ways);
 3. one server hung (SIGSTOP): the slowest request of memsess, and of
-   HashClient for reference.
+   HashClient for reference;
+4. issue 10's goal: ``AsyncSessionStore.load`` (two copies) against
+   aiomcache's get (one copy), wall and CPU (bench/aio.py has the rest).
 
 Ratios are speed ratios (time of the reference / time of memsess), so higher
 is better for memsess. The exit status is 0 even on a MISS (timings are not
@@ -394,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
             max_seconds=5 if smoke else 30,
             hashclient=not smoke,  # it waits a full 1 s timeout
         )
-    found = goals(steady, relay, hang)
+        # Imported here: bench.aio imports Goal from this module.
+        from bench.aio import measure_load_goals
+
+        asyncio_goals = measure_load_goals(
+            cluster, data, calls=5 if smoke else 200, rounds=2 if smoke else 25
+        )
+    found = goals(steady, relay, hang) + asyncio_goals
     print_report(args.size, steady, relay, found, load_before)
     if smoke:
         print("\n(smoke mode: tiny counts, the numbers mean nothing)")
