@@ -28,7 +28,10 @@ T = TypeVar("T")
 
 class AsyncSessionStore(StoreCore):
     """Sessions in a cluster of memcached servers, ``redundancy`` copies each, for
-    asyncio: the API of :class:`memsess.SessionStore`, awaited.
+    asyncio: the API and options of :class:`memsess.SessionStore`, with every method
+    that talks to the servers a coroutine (load, fetch, save, touch, delete,
+    regenerate, aclose; ``async with``). What does no I/O stays a plain call:
+    from_dsn, from_store, new_id, locate, health, stats.
 
     Safe for any number of concurrent tasks. Connections belong to the event loop that
     opened them (one pool per loop), so one store may serve several loops, e.g. one per
