@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+from memsess._forksafe import renew_locks_after_fork
 from memsess.plans import Flow
 from memsess.store import Snapshot, StoreCore
 from memsess.transport.aio import AsyncFanout, LoopPools
+from memsess.transport.pool import reset_after_fork
 
 __all__ = ["AsyncSessionStore"]
 
@@ -44,9 +46,21 @@ class AsyncSessionStore(StoreCore):
             weakref.WeakKeyDictionary()
         )
         self._loops_lock = threading.Lock()
+        renew_locks_after_fork(self, "_loops_lock")
+        reset_after_fork(self)
         # The pools of the loop used last, as one tuple so that another thread's loop
         # replacing it is atomic; the loop held weakly, as in _loops.
         self._current: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopPools] | None = None
+
+    def _forget_after_fork(self) -> None:
+        # A forked child must not share sockets with its parent (a reply meant for one
+        # could be read by the other), nor use the parent's loops: their pools are
+        # dropped, the child's copies of their sockets closed (that sends nothing: the
+        # parent still holds them open).
+        for pools in list(self._loops.values()):
+            pools.forget()
+        self._loops = weakref.WeakKeyDictionary()
+        self._current = None
 
     # -- the public API --------------------------------------------------------
 

@@ -136,3 +136,34 @@ def test_a_child_forked_while_the_django_adapter_builds_a_store_can_build_its_ow
 
     with held_by_another_thread(adapter._stores_lock):
         run_in_child(take_the_lock)
+
+
+def test_a_child_forked_after_the_async_store_was_used_opens_its_own_connections() -> None:
+    import asyncio
+
+    from memsess import AsyncSessionStore
+    from memsess.testing import LocalCluster
+
+    with LocalCluster(2) as cluster:
+        store = AsyncSessionStore.from_dsn(cluster.dsn(), redundancy=2)
+        loop = asyncio.new_event_loop()
+        try:
+            sid = store.new_id()
+            loop.run_until_complete(store.save(sid, {"from": "parent"}))
+            idle = [conn for conns in store._loops[loop]._idle for conn in conns]
+            assert idle  # pooled connections, left idle
+
+            def use() -> None:
+                assert not store._loops  # none of the parent's loops...
+                assert all(conn.closed for conn in idle)  # ...nor their sockets
+                child_sid = store.new_id()
+                asyncio.run(store.save(child_sid, {"from": "child"}))
+                assert asyncio.run(store.load(sid)) == {"from": "parent"}
+
+            with held_by_another_thread(store._loops_lock):
+                run_in_child(use)
+            for _ in range(50):  # the parent's connections were not disturbed
+                assert loop.run_until_complete(store.load(sid)) == {"from": "parent"}
+        finally:
+            loop.run_until_complete(store.aclose())
+            loop.close()

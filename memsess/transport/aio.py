@@ -177,6 +177,16 @@ class LoopPools:
         conn.sock = sock
         return conn
 
+    def forget(self) -> None:
+        """In a forked child: close this process's copy of every idle socket, touching
+        no transport (the loop is the parent's)."""
+        for idle in self._idle:
+            while idle:
+                conn = idle.pop()
+                conn.closed = True
+                if conn.sock is not None:
+                    conn.sock.close()
+
     def close(self) -> None:
         """Close every idle connection. Once the loop itself is closed its transports
         can no longer be closed, so their sockets are (the transports, unreferenced,
