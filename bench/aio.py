@@ -120,6 +120,55 @@ class AiomcacheSessions:
         await self.client.close()
 
 
+class _RawGet(asyncio.Protocol):
+    """The least an asyncio client can do for a get: one Protocol, the reply taken
+    whole once it ends with END (no parsing, no records, no plan)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.waiter: asyncio.Future[bytes] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.buffer.endswith(b"END\r\n") and self.waiter is not None:
+            self.waiter.set_result(self.buffer)
+            self.buffer, self.waiter = b"", None
+
+
+class RawFloor:
+    """The asyncio floor for reading two copies: a get written to two servers at once,
+    then both replies awaited (raw bytes, nothing decoded)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, servers: list[tuple[str, int]]) -> None:
+        self.loop = loop
+        self.servers = servers
+        self.conns: list[_RawGet] = []
+
+    async def open(self) -> None:
+        for host, port in self.servers:
+            _, conn = await self.loop.create_connection(_RawGet, host, port)
+            self.conns.append(conn)
+
+    async def load(self, key: bytes) -> None:
+        waiters = []
+        for conn in self.conns:
+            conn.waiter = waiter = self.loop.create_future()
+            waiters.append(waiter)
+            assert conn.transport is not None
+            conn.transport.write(b"get " + key + b"\r\n")
+        for waiter in waiters:
+            await waiter
+
+    def close(self) -> None:
+        for conn in self.conns:
+            if conn.transport is not None:
+                conn.transport.close()
+
+
 def _batch(loop: asyncio.AbstractEventLoop, op: Op, calls: int) -> Callable[[], None]:
     """``calls`` awaits of ``op()`` in a row, as one blocking call."""
 
@@ -175,12 +224,17 @@ def latency(
     async_store = AsyncSessionStore.from_dsn(_dsn(cluster), redundancy=REDUNDANCY, ttl=TTL)
     sync_store = SessionStore.from_dsn(_dsn(cluster), redundancy=REDUNDANCY, ttl=TTL)
     aiomc = AiomcacheSessions(addresses(cluster)[0], pool_size=AIOMCACHE_DEFAULT_POOL)
+    floor = RawFloor(loop, addresses(cluster)[:REDUNDANCY])
     try:
+        run(floor.open())
         sid, sync_sid = async_store.new_id(), sync_store.new_id()
         run(async_store.save(sid, data))
         sync_store.save(sync_sid, data)
         key = _key("latency")
         run(aiomc.save(key, data))
+        for host_port in addresses(cluster)[:REDUNDANCY]:  # the floor reads both copies
+            index = addresses(cluster).index(host_port)
+            cluster.set_raw(index, key, msgpack.packb(data))
 
         async def async_cycle() -> None:
             loaded = await async_store.load(sid)
@@ -218,8 +272,11 @@ def latency(
             if blocking:
                 batches[f"sync {operation}"] = _sync_batch(sync_ops[operation], calls)
             batches[f"aiomcache {operation}"] = _batch(loop, aiomcache_ops[operation], calls)
+        if "load" in operations:
+            batches["floor load"] = _batch(loop, lambda: floor.load(key), calls)
         timings = _measure_batches(batches, calls=calls, rounds=rounds)
     finally:
+        floor.close()
         run(async_store.aclose())
         sync_store.close()
         run(aiomc.close())
@@ -527,6 +584,7 @@ def print_latency(timings: Mapping[tuple[str, str], Timing]) -> None:
         "async": f"memsess AsyncSessionStore, r{REDUNDANCY}",
         "sync": f"memsess SessionStore, r{REDUNDANCY}",
         "aiomcache": "aiomcache.Client (1 server, 1 copy)",
+        "floor": "raw asyncio Protocol, a get to 2 servers, both awaited (the floor)",
     }
     print("\n| client | op | wall us | CPU us | spread (wall IQR/median) |")
     print("| --- | --- | --- | --- | --- |")
