@@ -1,24 +1,62 @@
-"""The fan-out loop and connection pools against real memcached processes."""
+"""Both fan-out drivers (the blocking poll loop and the asyncio one) and their connection
+pools against real memcached processes."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
 from memsess import ConnectError, ConnectionClosedError, TimeoutError
 from memsess.dsn import ServerSpec
-from memsess.protocol import Status, Values, get, set
+from memsess.protocol import Command, Status, Values, get, set
 from memsess.testing import LocalCluster
-from memsess.transport import ServerPool, fanout
+from memsess.transport import DEFAULT_STRAGGLER_WINDOW, FirstReply, Result, ServerPool
+from memsess.transport import fanout as blocking_fanout
+from memsess.transport.aio import AsyncFanout, LoopPools
+
+Fanout = Callable[..., list[Result]]
 
 
 def pools_for(cluster: LocalCluster, timeout: float = 0.5) -> list[ServerPool]:
     return [ServerPool(ServerSpec("tcp", s.host, s.port, timeout=timeout)) for s in cluster.servers]
 
 
-def test_one_command_reaches_every_server(cluster: LocalCluster) -> None:
+@pytest.fixture(params=["sync", "async"])
+def fanout(request: pytest.FixtureRequest) -> Iterator[Fanout]:
+    """``fanout(pools, commands, straggler_window=)`` on the blocking driver, or on the
+    asyncio one (one loop for the test, one LoopPools per list of pools, so that its
+    connections are reused from call to call as the blocking pools' are)."""
+    if request.param == "sync":
+        yield blocking_fanout
+        return
+    loop = asyncio.new_event_loop()
+    loop_pools: dict[tuple[int, ...], LoopPools] = {}
+
+    def run(
+        pools: Sequence[ServerPool],
+        commands: Sequence[Command],
+        *,
+        straggler_window: float = DEFAULT_STRAGGLER_WINDOW,
+    ) -> list[Result]:
+        key = tuple(id(pool) for pool in pools)
+        if key not in loop_pools:
+            loop_pools[key] = LoopPools(loop, list(pools), on_reset=lambda index: None)
+        batch = list(enumerate(commands))
+        fan = AsyncFanout(loop_pools[key], batch, FirstReply(straggler_window))
+        return loop.run_until_complete(fan.run()).results  # type: ignore[return-value]
+
+    yield run
+    for pools in loop_pools.values():
+        pools.close()
+    loop.run_until_complete(asyncio.sleep(0))  # the closed transports let go
+    loop.close()
+
+
+def test_one_command_reaches_every_server(cluster: LocalCluster, fanout: Fanout) -> None:
     pools = pools_for(cluster)
     results = fanout(pools, [set(b"k", b"v")] * 3)
     assert results == [Status.STORED] * 3
@@ -28,14 +66,31 @@ def test_one_command_reaches_every_server(cluster: LocalCluster) -> None:
 
 def test_connections_are_reused(cluster: LocalCluster) -> None:
     pool = pools_for(cluster)[0]
-    fanout([pool], [set(b"k", b"v")])
+    blocking_fanout([pool], [set(b"k", b"v")])
     conn = pool.acquire()
     pool.release(conn)
-    fanout([pool], [get(b"k")])
+    blocking_fanout([pool], [get(b"k")])
     assert pool.acquire() is conn
 
 
-def test_a_refused_connection_is_reported_as_refused(cluster: LocalCluster) -> None:
+def test_an_event_loops_connections_are_reused() -> None:
+    with LocalCluster(1) as cluster:
+        pools = LoopPools(asyncio.new_event_loop(), pools_for(cluster), on_reset=print)
+        try:
+            before = int(cluster.stats(0)["total_connections"])
+            for _ in range(3):
+                pools.loop.run_until_complete(
+                    AsyncFanout(pools, [(0, get(b"k"))], FirstReply(0.01)).run()
+                )
+            assert len(pools._idle[0]) == 1  # one connection, made once, pooled again
+            after = int(cluster.stats(0)["total_connections"])
+            assert after - before == 2  # it, and the stats call's own
+        finally:
+            pools.close()
+            pools.loop.close()
+
+
+def test_a_refused_connection_is_reported_as_refused(cluster: LocalCluster, fanout: Fanout) -> None:
     pools = pools_for(cluster)
     cluster.kill(1)
     results = fanout(pools, [set(b"k", b"v")] * 3)
@@ -46,7 +101,9 @@ def test_a_refused_connection_is_reported_as_refused(cluster: LocalCluster) -> N
     assert error.refused
 
 
-def test_a_hung_server_alone_times_out_after_its_timeout(cluster: LocalCluster) -> None:
+def test_a_hung_server_alone_times_out_after_its_timeout(
+    cluster: LocalCluster, fanout: Fanout
+) -> None:
     pool = pools_for(cluster, timeout=0.2)[0]
     cluster.hang(0)
     try:
@@ -58,7 +115,7 @@ def test_a_hung_server_alone_times_out_after_its_timeout(cluster: LocalCluster) 
 
 
 def test_a_hung_server_next_to_healthy_ones_is_dropped_as_a_straggler(
-    cluster: LocalCluster,
+    cluster: LocalCluster, fanout: Fanout
 ) -> None:
     pools = pools_for(cluster, timeout=5.0)
     fanout(pools, [set(b"k", b"v")] * 3)
@@ -73,7 +130,7 @@ def test_a_hung_server_next_to_healthy_ones_is_dropped_as_a_straggler(
     assert results[2].straggler
 
 
-def test_a_timed_out_connection_is_closed_not_pooled(cluster: LocalCluster) -> None:
+def test_a_timed_out_connection_is_closed_not_pooled(cluster: LocalCluster, fanout: Fanout) -> None:
     pool = pools_for(cluster, timeout=0.2)[0]
     fanout([pool], [set(b"a", b"first")])
     cluster.hang(0)
@@ -89,7 +146,7 @@ def test_a_timed_out_connection_is_closed_not_pooled(cluster: LocalCluster) -> N
 
 
 def test_a_pooled_connection_to_a_restarted_server_is_retried_once(
-    cluster: LocalCluster,
+    cluster: LocalCluster, fanout: Fanout
 ) -> None:
     pool = pools_for(cluster)[0]
     assert fanout([pool], [set(b"k", b"v")]) == [Status.STORED]
@@ -97,7 +154,7 @@ def test_a_pooled_connection_to_a_restarted_server_is_retried_once(
     assert fanout([pool], [set(b"k", b"again")]) == [Status.STORED]
 
 
-def test_a_server_closing_mid_reply_is_an_error(cluster: LocalCluster) -> None:
+def test_a_server_closing_mid_reply_is_an_error(cluster: LocalCluster, fanout: Fanout) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -126,7 +183,7 @@ def test_unknown_host_is_a_connect_error() -> None:
 
 
 def test_running_out_of_sockets_is_a_connect_error_not_a_crash(
-    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch, fanout: Fanout
 ) -> None:
     pools = pools_for(cluster)
 
@@ -140,7 +197,7 @@ def test_running_out_of_sockets_is_a_connect_error_not_a_crash(
 
 
 def test_waiting_for_a_slow_server_after_a_faster_deadline_passed_does_not_spin(
-    cluster: LocalCluster,
+    cluster: LocalCluster, fanout: Fanout
 ) -> None:
     # Unequal timeouts: once the quick server has answered and its own deadline passed,
     # the loop must sleep until the hung one's deadline, not poll(0) over and over.
