@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,8 +13,12 @@ import pytest
 from blocking_async import store_for
 
 from memsess import SessionStore
+from memsess.protocol import Command
 from memsess.records import storage_key
 from memsess.testing import LocalCluster
+from memsess.transport import DEFAULT_STRAGGLER_WINDOW, FirstReply, Result, ServerPool
+from memsess.transport import fanout as blocking_fanout
+from memsess.transport.aio import AsyncFanout, LoopPools
 
 # Short enough that a hung server is noticed quickly in tests, long enough that
 # a loaded 2-core machine never times out a healthy one.
@@ -85,3 +90,37 @@ def cpu_burners(count: int) -> Iterator[None]:
             burner.kill()
         for burner in burners:
             burner.wait()
+
+
+Fanout = Callable[..., list[Result]]
+
+
+@pytest.fixture(params=["sync", "async"])
+def fanout(request: pytest.FixtureRequest) -> Iterator[Fanout]:
+    """``fanout(pools, commands, straggler_window=)`` on the blocking driver, or on the
+    asyncio one (one loop for the test, one LoopPools per list of pools, so that its
+    connections are reused from call to call as the blocking pools' are)."""
+    if request.param == "sync":
+        yield blocking_fanout
+        return
+    loop = asyncio.new_event_loop()
+    loop_pools: dict[tuple[int, ...], LoopPools] = {}
+
+    def run(
+        pools: Sequence[ServerPool],
+        commands: Sequence[Command],
+        *,
+        straggler_window: float = DEFAULT_STRAGGLER_WINDOW,
+    ) -> list[Result]:
+        key = tuple(id(pool) for pool in pools)
+        if key not in loop_pools:
+            loop_pools[key] = LoopPools(loop, list(pools), on_reset=lambda index: None)
+        batch = list(enumerate(commands))
+        fan = AsyncFanout(loop_pools[key], batch, FirstReply(straggler_window))
+        return loop.run_until_complete(fan.run()).results  # type: ignore[return-value]
+
+    yield run
+    for pools in loop_pools.values():
+        pools.close()
+    loop.run_until_complete(asyncio.sleep(0))  # the closed transports let go
+    loop.close()

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import pytest
-from conftest import TEST_TIMEOUT, StoreFactory, all_keys, key_of, server_indexes
+from conftest import TEST_TIMEOUT, Fanout, StoreFactory, all_keys, key_of, server_indexes
 
 from memsess import SessionGoneError, SessionStore, Snapshot, WriteError, protocol
 from memsess.dsn import ServerSpec
@@ -23,7 +23,7 @@ from memsess.plans import Flow, Step
 from memsess.protocol import ClientProtocol, ErrorReply, Item, Status, Values
 from memsess.records import DATA, FLAGS, TOMBSTONE, decode_record, encode_record
 from memsess.testing import LocalCluster
-from memsess.transport import ServerPool, fanout
+from memsess.transport import ServerPool
 from memsess.transport.udp_core import DEFAULT_LOSS_THRESHOLD, HEADER, MAX_DATAGRAM, UdpRead
 
 T = TypeVar("T")
@@ -322,7 +322,9 @@ def stream_pool(port: int) -> ServerPool:
     [ErrorReply("CLIENT_ERROR", "bad data chunk"), ErrorReply("ERROR", "")],
     ids=["CLIENT_ERROR", "ERROR"],
 )
-def test_a_connection_is_closed_not_pooled_after_error_or_client_error(error: ErrorReply) -> None:
+def test_a_connection_is_closed_not_pooled_after_error_or_client_error(
+    error: ErrorReply, fanout: Fanout
+) -> None:
     line = f"{error.kind} {error.message}".strip().encode() + b"\r\n"
     with ScriptedServer([line, b"STORED\r\n"]) as server:
         pool = stream_pool(server.port)
@@ -337,7 +339,7 @@ def test_a_connection_is_closed_not_pooled_after_error_or_client_error(error: Er
             pool.clear()
 
 
-def test_a_connection_is_kept_after_server_error() -> None:
+def test_a_connection_is_kept_after_server_error(fanout: Fanout) -> None:
     error = ErrorReply("SERVER_ERROR", "out of memory storing object")
     line = f"{error.kind} {error.message}\r\n".encode()
     with ScriptedServer([line, b"STORED\r\n"]) as server:

@@ -6,54 +6,21 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
 
 import pytest
+from conftest import Fanout
 
 from memsess import ConnectError, ConnectionClosedError, TimeoutError
 from memsess.dsn import ServerSpec
-from memsess.protocol import Command, Status, Values, get, set
+from memsess.protocol import Status, Values, get, set
 from memsess.testing import LocalCluster
-from memsess.transport import DEFAULT_STRAGGLER_WINDOW, FirstReply, Result, ServerPool
+from memsess.transport import FirstReply, ServerPool
 from memsess.transport import fanout as blocking_fanout
 from memsess.transport.aio import AsyncFanout, LoopPools
-
-Fanout = Callable[..., list[Result]]
 
 
 def pools_for(cluster: LocalCluster, timeout: float = 0.5) -> list[ServerPool]:
     return [ServerPool(ServerSpec("tcp", s.host, s.port, timeout=timeout)) for s in cluster.servers]
-
-
-@pytest.fixture(params=["sync", "async"])
-def fanout(request: pytest.FixtureRequest) -> Iterator[Fanout]:
-    """``fanout(pools, commands, straggler_window=)`` on the blocking driver, or on the
-    asyncio one (one loop for the test, one LoopPools per list of pools, so that its
-    connections are reused from call to call as the blocking pools' are)."""
-    if request.param == "sync":
-        yield blocking_fanout
-        return
-    loop = asyncio.new_event_loop()
-    loop_pools: dict[tuple[int, ...], LoopPools] = {}
-
-    def run(
-        pools: Sequence[ServerPool],
-        commands: Sequence[Command],
-        *,
-        straggler_window: float = DEFAULT_STRAGGLER_WINDOW,
-    ) -> list[Result]:
-        key = tuple(id(pool) for pool in pools)
-        if key not in loop_pools:
-            loop_pools[key] = LoopPools(loop, list(pools), on_reset=lambda index: None)
-        batch = list(enumerate(commands))
-        fan = AsyncFanout(loop_pools[key], batch, FirstReply(straggler_window))
-        return loop.run_until_complete(fan.run()).results  # type: ignore[return-value]
-
-    yield run
-    for pools in loop_pools.values():
-        pools.close()
-    loop.run_until_complete(asyncio.sleep(0))  # the closed transports let go
-    loop.close()
 
 
 def test_one_command_reaches_every_server(cluster: LocalCluster, fanout: Fanout) -> None:
