@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
+import uvloop
 from conftest import TEST_RETRY_INTERVAL, TEST_TIMEOUT, cpu_burners, server_indexes
 
 from memsess import AsyncSessionStore, SessionStore
@@ -23,18 +24,34 @@ T = TypeVar("T")
 FAULTY = 0
 
 
-def run(
-    cluster: LocalCluster, body: Callable[[AsyncSessionStore], Awaitable[T]], **options: Any
-) -> T:
-    """``body(store)`` on a fresh event loop with a store on ``cluster``, closed after."""
+Runner = Callable[..., Any]
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
-    async def main() -> T:
-        options.setdefault("redundancy", 2)
-        dsn = cluster.dsn(timeout=TEST_TIMEOUT, retry_interval=TEST_RETRY_INTERVAL)
-        async with AsyncSessionStore.from_dsn(dsn, **options) as store:
-            return await body(store)
 
-    return asyncio.run(main())
+@pytest.fixture(params=list(LOOPS))
+def run(request: pytest.FixtureRequest) -> Runner:
+    """``run(cluster, body, **options)``: ``body(store)`` on a fresh event loop (asyncio's
+    own, and uvloop's: what uvicorn runs on when it is installed) with a store on
+    ``cluster``, closed after; returns what ``body`` returns."""
+    new_loop = LOOPS[request.param]
+
+    def run(
+        cluster: LocalCluster, body: Callable[[AsyncSessionStore], Awaitable[T]], **options: Any
+    ) -> T:
+        async def main() -> T:
+            options.setdefault("redundancy", 2)
+            dsn = cluster.dsn(timeout=TEST_TIMEOUT, retry_interval=TEST_RETRY_INTERVAL)
+            async with AsyncSessionStore.from_dsn(dsn, **options) as store:
+                return await body(store)
+
+        loop = new_loop()
+        try:
+            return loop.run_until_complete(main())
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    return run
 
 
 async def settle(store: AsyncSessionStore, timeout: float = 10.0) -> None:
@@ -81,7 +98,7 @@ class Ticker:
 
 @pytest.mark.parametrize("fault", ["hang", "kill"])
 def test_the_event_loop_keeps_ticking_while_a_server_is_hung(
-    cluster: LocalCluster, fault: str
+    cluster: LocalCluster, fault: str, run: Runner
 ) -> None:
     async def body(store: AsyncSessionStore) -> float:
         sids = [store.new_id() for _ in range(40)]
@@ -111,7 +128,9 @@ def test_the_event_loop_keeps_ticking_while_a_server_is_hung(
 # -- cancellation ---------------------------------------------------------------------
 
 
-def test_a_task_cancelled_mid_fanout_leaves_no_reply_to_be_misread(cluster: LocalCluster) -> None:
+def test_a_task_cancelled_mid_fanout_leaves_no_reply_to_be_misread(
+    cluster: LocalCluster, run: Runner
+) -> None:
     async def body(store: AsyncSessionStore) -> None:
         sids = [store.new_id() for _ in range(60)]
         mine = [sid for sid in sids if server_indexes(cluster, store, sid) == [FAULTY]]  # type: ignore[arg-type]
@@ -142,6 +161,7 @@ def test_a_task_cancelled_mid_fanout_leaves_no_reply_to_be_misread(cluster: Loca
 
 def test_cancelling_many_tasks_in_the_middle_of_saves_loses_nothing_already_stored(
     cluster: LocalCluster,
+    run: Runner,
 ) -> None:
     async def body(store: AsyncSessionStore) -> None:
         sids = [store.new_id() for _ in range(100)]
@@ -171,7 +191,7 @@ def test_cancelling_many_tasks_in_the_middle_of_saves_loses_nothing_already_stor
 @pytest.mark.parametrize("burners", [0, 3], ids=["quiet", "three-cpu-burners"])
 @pytest.mark.parametrize("fault", ["kill", "hang", "restart"])
 def test_a_hundred_tasks_of_mixed_traffic_through_a_fault(
-    cluster: LocalCluster, fault: str, burners: int
+    cluster: LocalCluster, fault: str, burners: int, run: Runner
 ) -> None:
     async def body(store: AsyncSessionStore) -> None:
         expected: list[dict[str, int | None]] = [{} for _ in range(100)]
@@ -309,6 +329,7 @@ def test_from_store_shares_the_health_table_and_counters(cluster: LocalCluster) 
 
 def test_a_server_closing_an_idle_connection_raises_its_trust_floor(
     cluster: LocalCluster,
+    run: Runner,
 ) -> None:
     async def body(store: AsyncSessionStore) -> None:
         sids = [store.new_id() for _ in range(20)]
@@ -328,6 +349,7 @@ def test_a_server_closing_an_idle_connection_raises_its_trust_floor(
 
 def test_a_copy_still_connecting_is_not_cut_before_its_write_is_sent(
     cluster: LocalCluster,
+    run: Runner,
 ) -> None:
     # Server 0 has a pooled connection and answers at once; server 1 has none, so its
     # write waits for a connect that takes this loop a few turns. The cut (at once
@@ -371,7 +393,9 @@ class SlowAfterFirstReply:
         return self.cut_at
 
 
-def test_a_copy_sent_after_the_cut_still_gets_its_window(cluster: LocalCluster) -> None:
+def test_a_copy_sent_after_the_cut_still_gets_its_window(
+    cluster: LocalCluster, run: Runner
+) -> None:
     from memsess import protocol
     from memsess.protocol import Version
     from memsess.transport import FirstReply
