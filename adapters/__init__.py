@@ -16,19 +16,21 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from memsess.errors import ClusterError, MemsessError, SessionGoneError
 from memsess.records import is_valid_id, lifetime_seconds, new_id
-from memsess.store import SessionStore, Snapshot
+from memsess.store import ON_CONFLICT, SessionStore, Snapshot
 
 if TYPE_CHECKING:
     from memsess.aio import AsyncSessionStore
 
 __all__ = [
     "CONFIG_OPTIONS",
+    "CONFLICT_KEY",
     "AsyncSession",
     "Outcome",
     "Session",
     "SessionCookie",
     "SessionNotLoadedError",
     "StoreCall",
+    "conflict_policy",
     "permanent_lifetime",
     "store_options",
 ]
@@ -68,7 +70,8 @@ class _SessionState(MutableMapping[str, Any]):
     Subclasses load (:meth:`_load`) and run the :class:`StoreCall` of :meth:`_plan`.
     """
 
-    def __init__(self, cookie_value: str | None) -> None:
+    def __init__(self, cookie_value: str | None, *, on_conflict: str = "merge") -> None:
+        self.on_conflict = conflict_policy(on_conflict)
         self.sid: str | None = None
         self.modified = False
         self.accessed = False
@@ -162,7 +165,11 @@ class _SessionState(MutableMapping[str, Any]):
             # No snapshot: a login carries the data to the new id even if the old
             # one was logged out meanwhile, as Django's own backends do.
             return StoreCall("regenerate", sid, {"data": data, "ttl": ttl})
-        return StoreCall("save", sid, {"data": data, "ttl": ttl, "snapshot": snapshot})
+        return StoreCall(
+            "save",
+            sid,
+            {"data": data, "ttl": ttl, "snapshot": snapshot, "on_conflict": self.on_conflict},
+        )
 
     def _settle(self, call: StoreCall, result: Any) -> Outcome:
         """The outcome of ``call`` once the store answered ``result``."""
@@ -189,8 +196,10 @@ class Session(_SessionState):
     read, rather than pretending the session is empty.
     """
 
-    def __init__(self, store: SessionStore, cookie_value: str | None) -> None:
-        super().__init__(cookie_value)
+    def __init__(
+        self, store: SessionStore, cookie_value: str | None, *, on_conflict: str = "merge"
+    ) -> None:
+        super().__init__(cookie_value, on_conflict=on_conflict)
         self.store = store
 
     def _load(self, sid: str) -> dict[str, Any]:
@@ -222,8 +231,10 @@ class AsyncSession(_SessionState):
     :class:`memsess.ClusterError` again, never passing for an empty session.
     """
 
-    def __init__(self, store: AsyncSessionStore, cookie_value: str | None) -> None:
-        super().__init__(cookie_value)
+    def __init__(
+        self, store: AsyncSessionStore, cookie_value: str | None, *, on_conflict: str = "merge"
+    ) -> None:
+        super().__init__(cookie_value, on_conflict=on_conflict)
         self.store = store
         self.load_error: ClusterError | None = None
 
@@ -325,6 +336,20 @@ class SessionCookie:
         return f"{self.name}={sid}; Max-Age={self.max_age}; Expires={expires}; {self._attributes}"
 
 
+# -- the conflict policy -------------------------------------------------------------
+
+
+def conflict_policy(value: str) -> str:
+    """``value`` if it names a policy for a save that meets another request's save of
+    the same session ("merge", "error", "overwrite"; see SessionStore.save), else
+    ValueError at configuration time rather than at the first conflict."""
+    if value not in ON_CONFLICT:
+        raise ValueError(
+            f"memsess: the conflict policy is one of {', '.join(ON_CONFLICT)}, not {value!r}"
+        )
+    return value
+
+
 # -- Flask-style configuration (Flask and Quart) -------------------------------------
 
 #: ``app.config`` keys read by the Flask and Quart ``init_app``, and the store option each sets.
@@ -335,6 +360,8 @@ CONFIG_OPTIONS: Final = {
     "MEMSESS_STRAGGLER_WINDOW": "straggler_window",
     "MEMSESS_MAX_ITEM_SIZE": "max_item_size",
 }
+#: The ``app.config`` key of the conflict policy (Flask and Quart): "merge" by default.
+CONFLICT_KEY: Final = "MEMSESS_ON_CONFLICT"
 
 
 def permanent_lifetime(lifetime: timedelta) -> int:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Final
 
-from memsess.adapters import AsyncSession, SessionCookie
+from memsess.adapters import AsyncSession, SessionCookie, conflict_policy
 from memsess.aio import AsyncSessionStore
 from memsess.errors import ClusterError
 from memsess.records import lifetime_seconds
@@ -79,6 +79,7 @@ class SessionMiddleware:
         expire_at_browser_close: bool = False,
         lazy: bool = False,
         refresh: bool = True,
+        on_conflict: str = "merge",
     ) -> None:
         if (store is None) == (dsn is None):
             raise TypeError("SessionMiddleware takes a store or a dsn, not both nor neither")
@@ -91,6 +92,7 @@ class SessionMiddleware:
         if store is None:
             store = AsyncSessionStore.from_dsn(str(dsn), **({} if ttl is None else {"ttl": ttl}))
         self.app, self.store, self.lazy, self.refresh = app, store, lazy, refresh
+        self.on_conflict = conflict_policy(on_conflict)
         self.cookie = SessionCookie(
             cookie_name, max_age=store.ttl if ttl is None else ttl, secure=secure,
             httponly=httponly, samesite=_SAME_SITE[same_site], path=path, domain=domain,
@@ -167,7 +169,7 @@ class SessionMiddleware:
     def _session(self, scope: Scope) -> AsyncSession:
         cookies = [value for name, value in scope["headers"] if name == b"cookie"]
         value = self.cookie.value(b"; ".join(cookies).decode("latin-1")) if cookies else None
-        return AsyncSession(self.store, value)
+        return AsyncSession(self.store, value, on_conflict=self.on_conflict)
 
     async def _commit(self, session: AsyncSession, message: Message) -> Message:
         """Persist the session, and the response start ``message`` with its headers."""

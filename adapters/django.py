@@ -23,13 +23,14 @@ from django.contrib.sessions.backends.base import (  # type: ignore[import-untyp
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
 from django.core.signals import setting_changed  # type: ignore[import-untyped]
 
+from memsess.adapters import conflict_policy
 from memsess.aio import AsyncSessionStore
-from memsess.errors import SessionGoneError
+from memsess.errors import SessionConflictError, SessionGoneError
 from memsess.records import is_valid_id, lifetime_seconds
 from memsess.store import SessionStore as MemsessStore
 from memsess.store import Snapshot
 
-__all__ = ["OPTIONS", "SessionStore", "get_async_store", "get_store"]
+__all__ = ["OPTIONS", "SessionStore", "conflict_setting", "get_async_store", "get_store"]
 
 #: Keys of ``settings.SESSION_MEMSESS`` besides the required ``SAVE_PATH``, and the
 #: SessionStore option each sets. The store's ttl is ``SESSION_COOKIE_AGE``.
@@ -65,10 +66,10 @@ def get_store() -> MemsessStore:
         raise ImproperlyConfigured(
             'memsess: set SESSION_MEMSESS = {"SAVE_PATH": "tcp://127.0.0.1:11211", ...}'
         )
-    unknown = set(config) - set(OPTIONS) - {"SAVE_PATH"}
+    unknown = set(config) - set(OPTIONS) - {"SAVE_PATH", "ON_CONFLICT"}
     if unknown:
         raise ImproperlyConfigured(f"memsess: unknown SESSION_MEMSESS keys {sorted(unknown)}")
-    options = {OPTIONS[key]: value for key, value in config.items() if key != "SAVE_PATH"}
+    options = {OPTIONS[key]: value for key, value in config.items() if key in OPTIONS}
     options["ttl"] = lifetime_seconds(settings.SESSION_COOKIE_AGE, name="SESSION_COOKIE_AGE")
     cache_key = (config["SAVE_PATH"], *sorted(options.items()))
     store = _stores.get(cache_key)
@@ -79,6 +80,18 @@ def get_store() -> MemsessStore:
                 store = MemsessStore.from_dsn(config["SAVE_PATH"], **options)
                 _stores[cache_key] = store
     return store
+
+
+def conflict_setting() -> str:
+    """``SESSION_MEMSESS["ON_CONFLICT"]``: what a save does when another request of the
+    same user saved the session meanwhile: "merge" (the default: this request's keys
+    on top of the other's), "error" (``UpdateError``) or "overwrite" (last writer
+    wins)."""
+    config = getattr(settings, "SESSION_MEMSESS", None) or {}
+    try:
+        return conflict_policy(config.get("ON_CONFLICT", "merge"))
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
 
 
 def get_async_store() -> AsyncSessionStore:
@@ -267,9 +280,12 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
             yield lambda store: store.delete(key)
             return None
         ttl = lifetime_seconds(age, name="session expiry age")  # 0.5 s: 1, never 0 (forever)
+        policy = conflict_setting()
         try:
-            yield lambda store: store.save(key, data, ttl=ttl, snapshot=snapshot)
-        except SessionGoneError as exc:
+            yield lambda store: store.save(
+                key, data, ttl=ttl, snapshot=snapshot, on_conflict=policy
+            )
+        except (SessionGoneError, SessionConflictError) as exc:
             raise UpdateError from exc
         return None
 

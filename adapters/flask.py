@@ -9,7 +9,15 @@ from flask import Flask
 from flask.sessions import SessionInterface, SessionMixin
 from flask.wrappers import Request, Response
 
-from memsess.adapters import CONFIG_OPTIONS, Outcome, Session, permanent_lifetime, store_options
+from memsess.adapters import (
+    CONFIG_OPTIONS,
+    CONFLICT_KEY,
+    Outcome,
+    Session,
+    conflict_policy,
+    permanent_lifetime,
+    store_options,
+)
 from memsess.store import SessionStore
 
 __all__ = ["CONFIG_OPTIONS", "MemsessSession", "MemsessSessionInterface", "init_app"]
@@ -47,7 +55,11 @@ class MemsessSessionInterface(SessionInterface):
 
     def open_session(self, app: Flask, request: Request) -> MemsessSession:
         # No I/O here: the session loads when the view first reads it.
-        return self.session_class(self.store, request.cookies.get(self.get_cookie_name(app)))
+        return self.session_class(
+            self.store,
+            request.cookies.get(self.get_cookie_name(app)),
+            on_conflict=app.config.get(CONFLICT_KEY, "merge"),
+        )
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         if not isinstance(session, MemsessSession):
@@ -93,6 +105,9 @@ def init_app(app: Flask, store: SessionStore | None = None) -> MemsessSessionInt
     (required, a PHP-style save_path) and the optional keys of
     :data:`CONFIG_OPTIONS`, its ttl being ``PERMANENT_SESSION_LIFETIME``. The
     store is kept in ``app.extensions["memsess"]``."""
+    # MEMSESS_ON_CONFLICT: what a save does when another request of the same user
+    # saved the session meanwhile ("merge", the default; "error"; "overwrite").
+    conflict_policy(app.config.get(CONFLICT_KEY, "merge"))  # ValueError now, not later
     if store is None:
         save_path, options = store_options(app.config, ttl=MemsessSessionInterface.lifetime(app))
         store = SessionStore.from_dsn(save_path, **options)

@@ -115,7 +115,12 @@ class MemsessStore(NamespacedStore):
         sid = self.memsess_id(key)
         data = {"value": value, "expires": None if seconds is None else time.time() + seconds}
         try:
-            await self.store.save(sid, data, ttl=seconds, snapshot=self._forget(sid))
+            # Litestar's session is one value: two requests' sets cannot be merged by
+            # key, so the later one wins, as with Litestar's own stores.
+            snapshot = self._forget(sid)
+            await self.store.save(
+                sid, data, ttl=seconds, snapshot=snapshot, on_conflict="overwrite"
+            )
         except SessionGoneError:
             log.info("store key deleted elsewhere (a logout?) during this request; set dropped")
 

@@ -14,8 +14,10 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from memsess.adapters import (
     CONFIG_OPTIONS,
+    CONFLICT_KEY,
     AsyncSession,
     Outcome,
+    conflict_policy,
     permanent_lifetime,
     store_options,
 )
@@ -57,7 +59,11 @@ class MemsessSessionInterface(SessionInterface):
         return super().get_cookie_samesite(app) or self.samesite_default
 
     async def open_session(self, app: Quart, request: BaseRequestWebsocket) -> MemsessSession:
-        session = self.session_class(self.store, request.cookies.get(self.get_cookie_name(app)))
+        session = self.session_class(
+            self.store,
+            request.cookies.get(self.get_cookie_name(app)),
+            on_conflict=app.config.get(CONFLICT_KEY, "merge"),
+        )
         try:
             await session.aload()
         except ClusterError as exc:
@@ -110,6 +116,9 @@ def init_app(app: Quart, store: AsyncSessionStore | None = None) -> MemsessSessi
     :data:`CONFIG_OPTIONS`, its ttl being ``PERMANENT_SESSION_LIFETIME``; it is
     closed when the app shuts down. The store is kept in
     ``app.extensions["memsess"]``."""
+    # MEMSESS_ON_CONFLICT: what a save does when another request of the same user
+    # saved the session meanwhile ("merge", the default; "error"; "overwrite").
+    conflict_policy(app.config.get(CONFLICT_KEY, "merge"))  # ValueError now, not later
     if store is None:
         lifetime = permanent_lifetime(app.permanent_session_lifetime)
         save_path, options = store_options(app.config, ttl=lifetime)

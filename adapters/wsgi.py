@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from memsess.adapters import Session, SessionCookie
+from memsess.adapters import Session, SessionCookie, conflict_policy
 from memsess.records import lifetime_seconds
 from memsess.store import SessionStore
 
@@ -46,8 +46,10 @@ class SessionMiddleware:
         max_age: float | None = None,
         expire_at_browser_close: bool = False,
         refresh_each_request: bool = True,
+        on_conflict: str = "merge",
     ) -> None:
         self.app, self.store = app, store
+        self.on_conflict = conflict_policy(on_conflict)
         # Whole seconds: memcached's exptime is an integer (0.5 would become 0, "never
         # expires"), and so is a cookie's Max-Age.
         self.max_age = lifetime_seconds(store.ttl if max_age is None else max_age, name="max_age")
@@ -59,7 +61,7 @@ class SessionMiddleware:
         )  # fmt: skip
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        session = Session(self.store, self._cookie_value(environ))
+        session = Session(self.store, self._cookie_value(environ), on_conflict=self.on_conflict)
         environ[ENVIRON_KEY] = session
         cookie: list[str | None] = []  # computed once, even if start_response is called again
 

@@ -81,9 +81,10 @@ class AsyncSessionStore(StoreCore):
         *,
         ttl: float | None = None,
         snapshot: Snapshot | None = None,
+        on_conflict: str = "error",
     ) -> None:
         """Store ``data`` on every live copy; see :meth:`memsess.SessionStore.save`."""
-        await self._arun(self._save(sid, data, ttl, snapshot))
+        await self._arun(self._save(sid, data, ttl, snapshot, on_conflict))
 
     async def touch(self, sid: str, *, ttl: float | None = None) -> bool:
         """Extend the lifetime of every copy; see :meth:`memsess.SessionStore.touch`."""
@@ -151,6 +152,8 @@ class AsyncSessionStore(StoreCore):
         try:
             step = next(flow)
             while True:
+                if step.pause:
+                    await asyncio.sleep(step.pause)
                 batch = step.batch
                 run = await AsyncFanout(pools, batch, step.rule, routes=routes).run()
                 step = flow.send(cluster.account(batch, run, step.record))

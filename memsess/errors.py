@@ -125,6 +125,18 @@ class WriteError(ClusterError):
     """No copy of a write could be stored on any server of its replica set."""
 
 
+class SessionConflictError(MemsessError):
+    """A conditional save found the session saved by someone else since it was loaded
+    (another request of the same user): nothing of this save was applied where the
+    other one landed. ``current`` is the session as it is now (a
+    :class:`memsess.Snapshot`): merge into it and save again with it as the snapshot,
+    or let ``on_conflict="merge"`` do that."""
+
+    def __init__(self, message: str, current: object = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
 class SessionGoneError(ClusterError, KeyError):
     """A conditional save found the session logged out (a tombstone) since it was
     loaded: the save was not applied, and the logout stands."""

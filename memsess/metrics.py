@@ -25,6 +25,8 @@ COUNTERS: Final[Mapping[str, str]] = {
     "straggler_drops": "requests to a server cut off after the other copies answered",
     "failovers": "requests served without one of their copies (down or failed)",
     "server_state_changes": "servers marked down, back up or suspect",
+    "conflicts": "conditional saves that found the session saved elsewhere since its load",
+    "merge_overwrites": "keys a merged save changed that the other save had changed too",
 }
 
 

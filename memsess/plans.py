@@ -22,7 +22,7 @@ from memsess.records import FLAGS, Record
 from memsess.rules import AllAnswers, Copy, ReadRule, WriteRule
 from memsess.transport import Result, WaitRule
 
-__all__ = ["MARKER_SUFFIX", "Found", "Plans", "Step"]
+__all__ = ["MARKER_SUFFIX", "Conflict", "Found", "Plans", "Step"]
 
 log = logging.getLogger("memsess.store")
 
@@ -42,11 +42,18 @@ _CONFLICTS: Final = frozenset({Status.EXISTS, Status.NOT_STORED, Status.NOT_FOUN
 
 
 class Step(NamedTuple):
-    """One batch to run at once, and the rule saying when it has heard enough."""
+    """One batch to run at once, and the rule saying when it has heard enough; or, with
+    ``pause`` (seconds) and no batch, a wait before the next step (a retry's jitter)."""
 
     batch: list[tuple[int, Command]]
     rule: WaitRule
     record: bool = True  # update the servers' health from the outcomes
+    pause: float = 0.0
+
+
+class Conflict(Exception):  # noqa: N818 - a signal between plans, never seen by callers
+    """Raised by :meth:`Plans.save` with ``conflicts=True``: a copy holds a save made
+    since the load. Nothing was written where it was found."""
 
 
 Flow = Generator[Step, list[Result], T]
@@ -227,11 +234,13 @@ class Plans:
         exptime: int,
         *,
         since: tuple[int, dict[int, int | None]] | None = None,
+        conflicts: bool = False,
     ) -> Flow[list[Result]]:
         """Store ``record`` (of ``version``) on every live copy. With ``since`` (the
         version and cas tokens the session was loaded with) each copy is written only
         if unchanged since (cas/add): a copy changed meanwhile is read again, a newer
-        logout found there wins (SessionGoneError), anything else older is overwritten."""
+        logout found there wins (SessionGoneError), and a save made since the load
+        raises :class:`Conflict` with ``conflicts``, else is overwritten."""
         targets = self.targets(key)
         if since is None:  # self.write, inlined: one generator less per save
             # protocol.set's checks, done once upstream: the key is storage_key's, the
@@ -242,15 +251,22 @@ class Plans:
             self._note_missed(key, targets, results, ok=Status.STORED)
             return results
         loaded_version, tokens = since
+        raise_on_save = conflicts
         batch = [(i, guarded_write(key, record, tokens.get(i), exptime)) for i in targets]
         results = yield Step(batch, WriteRule(self.cluster, targets))
         outcome = dict(zip(targets, results, strict=True))
         for _ in range(_CONFLICT_ROUNDS):
-            conflicts = [i for i, result in outcome.items() if result in _CONFLICTS]
-            if not conflicts:
+            changed = [i for i, result in outcome.items() if result in _CONFLICTS]
+            if not changed:
                 break
             rewritten = yield from self._resolve(
-                key, record, version, exptime=exptime, loaded=loaded_version, conflicts=conflicts
+                key,
+                record,
+                version,
+                exptime=exptime,
+                loaded=loaded_version,
+                conflicts=changed,
+                raise_on_save=raise_on_save,
             )
             outcome.update(rewritten)
         final = [outcome[i] for i in targets]
@@ -266,9 +282,11 @@ class Plans:
         exptime: int,
         loaded: int,
         conflicts: list[int],
+        raise_on_save: bool,
     ) -> Generator[Step, list[Result], dict[int, Result]]:
         """Copies that changed since the load: read them again with ``gets`` and write
-        with ``cas`` on what was just read, so a logout landing in between still wins."""
+        with ``cas`` on what was just read, so a logout landing in between still wins
+        (and, with ``raise_on_save``, a save made since the load raises Conflict)."""
         command = protocol.get(key, cas=True)
         rule = ReadRule(self.cluster, conflicts, key)
         yield Step([(i, command) for i in conflicts], rule)
@@ -282,6 +300,11 @@ class Plans:
         ]
         if logged_out:
             raise SessionGoneError("the session was logged out since it was loaded; not saved")
+        if raise_on_save and any(
+            copy is not None and copy.record is not None and loaded < copy.record.version != version
+            for copy in rule.copies
+        ):
+            raise Conflict
         outcome: dict[int, Result] = {}
         batch = []
         for index, copy in zip(conflicts, rule.copies, strict=True):

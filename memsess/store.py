@@ -8,16 +8,18 @@ sans-I/O, so an asyncio driver runs the very same plans.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from memsess import protocol
 from memsess.cluster import Cluster, ServerStatus
 from memsess.dsn import ServerSpec, parse_dsn
 from memsess.errors import (
+    SessionConflictError,
     SessionGoneError,
     SessionIdError,
     SessionTooLargeError,
@@ -25,7 +27,7 @@ from memsess.errors import (
 )
 from memsess.maintenance import Maintenance
 from memsess.metrics import Metrics
-from memsess.plans import Flow, Plans, short
+from memsess.plans import Conflict, Flow, Plans, Step, short
 from memsess.protocol import Status
 from memsess.records import (
     DATA,
@@ -39,6 +41,7 @@ from memsess.records import (
     new_id,
     storage_key,
 )
+from memsess.rules import AllAnswers
 from memsess.serializers import SERIALIZERS, Serializer, get_serializer
 from memsess.transport import Result
 
@@ -53,6 +56,13 @@ DEFAULT_MAX_ITEM_SIZE: Final = 1024 * 1024  # memcached's default -I (1 MiB)
 _MAX_RELATIVE_EXPTIME: Final = 30 * 24 * 3600
 # memcached 1.6 keeps times in 32 bits (protocol._MAX_EXPTIME).
 _MAX_EXPTIME: Final = 2**31 - 1
+#: What a conditional save does when the session was saved elsewhere since its load.
+ON_CONFLICT: Final = ("error", "merge", "overwrite")
+_MERGE_ROUNDS: Final = 16  # merges of one save against writers that keep winning the race
+# Seconds: the pause before a merge's retry is random, up to this doubled each round
+# (capped at _MERGE_JITTER_CAP): writers that met spread out instead of meeting again.
+_MERGE_JITTER: Final = 0.001
+_MERGE_JITTER_CAP: Final = 0.05
 # Room memcached needs in an item besides the value: item header, key, suffix.
 _ITEM_OVERHEAD: Final = 512
 
@@ -71,6 +81,43 @@ class Snapshot:
     data: dict[str, Any]
     version: int
     tokens: Mapping[int, int | None]
+    #: The record as read: what a merge diffs the saved data against.
+    record: Record | None = field(default=None, repr=False, compare=False)
+
+
+class Changes(NamedTuple):
+    """What one request did to a session: the keys it set (to a new value, nested
+    changes included) and the keys it deleted, with what each held when loaded."""
+
+    set: dict[str, Any]
+    deleted: frozenset[str]
+    before: dict[str, Any]  # the loaded value of each key set or deleted (absent: new)
+
+    @classmethod
+    def between(cls, loaded: Mapping[str, Any], saved: Mapping[str, Any]) -> Changes:
+        changed = {k: v for k, v in saved.items() if k not in loaded or loaded[k] != v}
+        deleted = frozenset(k for k in loaded if k not in saved)
+        before = {k: loaded[k] for k in (*changed, *deleted) if k in loaded}
+        return cls(changed, deleted, before)
+
+    def applied_to(self, current: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+        """``current`` with these changes on top, and how many of the keys they set the
+        other save had changed too, to another value (this save, the later one, wins
+        for those)."""
+        merged = dict(current)
+        before = self.before
+        overwritten = 0
+        for k, v in self.set.items():
+            theirs = merged.get(k, _ABSENT)
+            if theirs != before.get(k, _ABSENT) and theirs != v:
+                overwritten += 1
+            merged[k] = v
+        for k in self.deleted:
+            merged.pop(k, None)
+        return merged, overwritten
+
+
+_ABSENT: Final = object()
 
 
 class StoreCore:
@@ -172,26 +219,79 @@ class StoreCore:
 
     # -- the operations, as plans any driver runs ------------------------------------
 
-    def _fetch(self, sid: str) -> Flow[Snapshot | None]:
+    def _fetch(self, sid: str, *, count: bool = True) -> Flow[Snapshot | None]:
         try:
             key = storage_key(self.key_prefix, sid)  # memoized: no regex for a known id
         except SessionIdError:
             return None
-        self._metrics.add("loads")
+        if count:
+            self._metrics.add("loads")
         found = yield from self._plans.read(key)
         data = None
         if found is not None and not found.record.is_tombstone:
             data = self._decode_payload(key, found.record)
-        self._metrics.add("hits" if data is not None else "misses")
+        if count:
+            self._metrics.add("hits" if data is not None else "misses")
         if found is None or data is None:
             return None
-        return Snapshot(sid, data, found.record.version, found.tokens)
+        return Snapshot(sid, data, found.record.version, found.tokens, found.record)
 
     def _save(
-        self, sid: str, data: Mapping[str, Any], ttl: float | None, snapshot: Snapshot | None
+        self,
+        sid: str,
+        data: Mapping[str, Any],
+        ttl: float | None,
+        snapshot: Snapshot | None,
+        on_conflict: str = "error",
     ) -> Flow[None]:
         key = storage_key(self.key_prefix, sid)  # SessionIdError before anything is done
+        if on_conflict not in ON_CONFLICT:
+            raise ValueError(
+                f"on_conflict must be one of {', '.join(ON_CONFLICT)}: {on_conflict!r}"
+            )
         seconds = self.ttl if ttl is None else lifetime_seconds(ttl)
+        exptime = self._exptime(seconds)
+        self._metrics.add("saves")
+        changes: Changes | None = None
+        for round_ in range(_MERGE_ROUNDS):
+            version, record = self._encode(data, seconds)
+            since = None if snapshot is None else (snapshot.version, dict(snapshot.tokens))
+            try:
+                results = yield from self._plans.save(
+                    key, record, version, exptime, since=since, conflicts=on_conflict != "overwrite"
+                )
+            except Conflict:
+                assert snapshot is not None  # only a conditional save meets one
+                self._metrics.add("conflicts")
+                current = yield from self._fetch(sid, count=False)
+                if current is None:
+                    raise SessionGoneError(
+                        "the session was logged out since it was loaded; not saved"
+                    ) from None
+                if on_conflict == "error":
+                    raise SessionConflictError(
+                        "the session was saved elsewhere since it was loaded; not saved",
+                        current,
+                    ) from None
+                if changes is None:  # what this save changed, against what it loaded
+                    changes = Changes.between(self._loaded_data(key, snapshot), data)
+                data, overwritten = changes.applied_to(current.data)
+                if overwritten:
+                    self._metrics.add("merge_overwrites", overwritten)
+                snapshot = current
+                # Jitter: writers that met in this round spread out before the next.
+                pause = random.uniform(0, min(_MERGE_JITTER_CAP, _MERGE_JITTER * 2**round_))
+                yield Step([], AllAnswers(self._cluster, []), False, pause)
+                continue
+            self._require_stored(results, "save")
+            return
+        raise SessionConflictError(
+            f"the session kept being saved elsewhere: {_MERGE_ROUNDS} merges lost the race",
+            snapshot,
+        )
+
+    def _encode(self, data: Mapping[str, Any], seconds: int) -> tuple[int, bytes]:
+        """A new version and the record of ``data`` under it."""
         payload = self.serializer.dumps(data)
         version = self._clock.tick()
         record = encode_record(version, DATA, self.serializer.id, payload, ttl=seconds)
@@ -200,12 +300,16 @@ class StoreCore:
                 f"session data is {len(record)} bytes serialized, over the servers' item size"
                 f" ({self.max_value_size} bytes usable); nothing was stored"
             )
-        self._metrics.add("saves")
-        since = None if snapshot is None else (snapshot.version, dict(snapshot.tokens))
-        results = yield from self._plans.save(
-            key, record, version, self._exptime(seconds), since=since
-        )
-        self._require_stored(results, "save")
+        return version, record
+
+    def _loaded_data(self, key: bytes, snapshot: Snapshot) -> dict[str, Any]:
+        """The session as ``snapshot`` was loaded, decoded afresh from its record: the
+        caller may have changed the snapshot's data in place (nested values too)."""
+        record = snapshot.record
+        if record is None:  # a snapshot made by hand: its data is all there is
+            return dict(snapshot.data)
+        loaded = self._decode_payload(key, record)
+        return {} if loaded is None else loaded
 
     def _touch(self, sid: str, ttl: float | None) -> Flow[bool]:
         if not is_valid_id(sid):
@@ -254,6 +358,8 @@ class StoreCore:
         try:
             step = next(flow)
             while True:
+                if step.pause:
+                    time.sleep(step.pause)
                 step = flow.send(execute(step.batch, step.rule, step.record))
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
@@ -341,16 +447,23 @@ class SessionStore(StoreCore):
         *,
         ttl: float | None = None,
         snapshot: Snapshot | None = None,
+        on_conflict: str = "error",
     ) -> None:
         """Store ``data`` as the newest version on every live copy, in parallel,
         to live ``ttl`` seconds (default: the store's; rounded up to whole seconds).
 
-        With the ``snapshot`` the data was loaded as, a logout made since then
-        wins: nothing is stored and SessionGoneError is raised. Raises
-        SessionIdError for a malformed id and SessionTooLargeError for data over
-        the item size (nothing is sent either way), WriteError when no copy
-        could be stored."""
-        self._run(self._save(sid, data, ttl, snapshot))
+        With the ``snapshot`` the data was loaded as, the save is conditional. A
+        logout made since then wins: nothing is stored and SessionGoneError is
+        raised. A save made elsewhere since then (another request of the same
+        user) is a conflict, handled as ``on_conflict`` says: "error" (default)
+        raises SessionConflictError, whose ``current`` is the session as it is
+        now; "merge" applies the keys this save set or deleted (against the
+        snapshot) on top of the current session and saves that, the later value
+        winning for a key both changed; "overwrite" stores ``data`` over it (last
+        writer wins). Raises SessionIdError for a malformed id and
+        SessionTooLargeError for data over the item size (nothing is sent either
+        way), WriteError when no copy could be stored."""
+        self._run(self._save(sid, data, ttl, snapshot, on_conflict))
 
     def touch(self, sid: str, *, ttl: float | None = None) -> bool:
         """Extend the lifetime of every copy to ``ttl`` seconds (default: the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import threading
 import time
 import uuid
 from decimal import Decimal
@@ -15,10 +16,12 @@ from conftest import StoreFactory, all_keys, key_of, server_indexes
 from markupsafe import Markup
 
 from memsess import (
+    SessionConflictError,
     SessionGoneError,
     SessionIdError,
     SessionStore,
     SessionTooLargeError,
+    Snapshot,
 )
 from memsess.records import FLAGS, decode_record
 from memsess.testing import LocalCluster
@@ -241,16 +244,112 @@ def test_a_conditional_save_after_a_logout_elsewhere_is_refused(store: SessionSt
     assert store.load(sid) is None
 
 
-def test_a_conditional_save_after_a_concurrent_save_wins_as_the_newest(
+def loaded(store: SessionStore, sid: str) -> Snapshot:
+    snapshot = store.fetch(sid)
+    assert snapshot is not None
+    return snapshot
+
+
+def test_a_conditional_save_after_a_save_elsewhere_is_a_conflict_by_default(
     store: SessionStore,
 ) -> None:
     sid = store.new_id()
     store.save(sid, {"n": 1})
-    snapshot = store.fetch(sid)
-    assert snapshot is not None
-    store.save(sid, {"n": 2})
-    store.save(sid, {"n": 3}, snapshot=snapshot)
+    slow = loaded(store, sid)  # a slow request loads...
+    store.save(sid, {"n": 2}, snapshot=loaded(store, sid))  # ...a fast one saves...
+    with pytest.raises(SessionConflictError) as raised:
+        store.save(sid, {"n": 3}, snapshot=slow)  # ...and the slow one's save is refused
+    current = raised.value.current
+    assert isinstance(current, Snapshot)
+    assert current.data == {"n": 2}
+    assert store.load(sid) == {"n": 2}  # nothing was overwritten
+    assert store.stats()["conflicts"] == 1
+    store.save(sid, {"n": 3}, snapshot=current)  # saved again on what is there now
     assert store.load(sid) == {"n": 3}
+
+
+def test_overwrite_is_last_writer_wins(store: SessionStore) -> None:
+    sid = store.new_id()
+    store.save(sid, {"n": 1})
+    slow = loaded(store, sid)
+    store.save(sid, {"n": 2, "other": True}, snapshot=loaded(store, sid))
+    store.save(sid, {"n": 3}, snapshot=slow, on_conflict="overwrite")
+    assert store.load(sid) == {"n": 3}
+
+
+def test_merge_keeps_both_requests_changes_to_different_keys(store: SessionStore) -> None:
+    sid = store.new_id()
+    store.save(sid, {"user": "ann", "cart": [1], "flash": "hi"})
+    first, second = loaded(store, sid), loaded(store, sid)
+    first.data["cart"].append(2)  # a nested change in place counts as setting "cart"
+    del first.data["flash"]
+    store.save(sid, first.data, snapshot=first, on_conflict="merge")
+    second.data["theme"] = "dark"
+    store.save(sid, second.data, snapshot=second, on_conflict="merge")
+    assert store.load(sid) == {"user": "ann", "cart": [1, 2], "theme": "dark"}
+    stats = store.stats()
+    assert (stats["conflicts"], stats["merge_overwrites"]) == (1, 0)
+
+
+def test_merge_of_the_same_key_keeps_the_later_save_and_counts_it(store: SessionStore) -> None:
+    sid = store.new_id()
+    store.save(sid, {"step": 1, "a": 0})
+    first, second = loaded(store, sid), loaded(store, sid)
+    store.save(sid, {"step": 2, "a": 1}, snapshot=first, on_conflict="merge")
+    store.save(sid, {"step": 3, "a": 0}, snapshot=second, on_conflict="merge")
+    assert store.load(sid) == {"step": 3, "a": 1}  # "a" was only the first one's change
+    assert store.stats()["merge_overwrites"] == 1
+
+
+def test_a_logout_wins_over_a_merge(store: SessionStore) -> None:
+    sid = store.new_id()
+    store.save(sid, {"user": "ann"})
+    slow = loaded(store, sid)
+    store.delete(sid)
+    with pytest.raises(SessionGoneError):
+        store.save(sid, {"user": "ann", "x": 1}, snapshot=slow, on_conflict="merge")
+    assert store.load(sid) is None
+
+
+def test_an_unknown_conflict_policy_is_refused_before_anything_is_sent(
+    store: SessionStore,
+) -> None:
+    with pytest.raises(ValueError, match="on_conflict"):
+        store.save(store.new_id(), {"a": 1}, on_conflict="lock")
+
+
+@pytest.mark.parametrize("fault", [None, "kill"])
+def test_eight_concurrent_merges_on_one_session_keep_every_change(
+    cluster: LocalCluster, store: SessionStore, fault: str | None
+) -> None:
+    sid = store.new_id()
+    store.save(sid, {"base": 0})
+    if fault:
+        cluster.kill(server_indexes(cluster, store, sid)[0])
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def request(n: int) -> None:
+        # Five bursts of eight requests at once (a page firing eight AJAX calls), each
+        # request loading the session, changing its own key and saving.
+        try:
+            for round_ in range(5):
+                start.wait()
+                snapshot = loaded(store, sid)
+                snapshot.data[f"key{n}"] = round_
+                store.save(sid, snapshot.data, snapshot=snapshot, on_conflict="merge")
+        except BaseException as exc:
+            start.abort()
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.load(sid) == {"base": 0, **{f"key{n}": 4 for n in range(8)}}
+    assert store.stats()["conflicts"] > 0  # they did meet
 
 
 def test_conditional_save_of_an_unchanged_session_uses_its_cas_tokens(

@@ -1,0 +1,329 @@
+"""Two requests of one user at once (a page firing two AJAX calls): the slow one loaded
+the session before the fast one saved, and saves after it. Through every adapter, by
+default, both keep their changes (a merge by key); the policies "error" and
+"overwrite" do what they say. Against real memcached, with and without a killed server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+
+import django_settings
+import httpx
+import pytest
+from adapter_support import RETRY_INTERVAL, TIMEOUT, make_store
+
+import memsess
+from memsess import AsyncSessionStore, SessionConflictError, SessionStore
+from memsess.testing import LocalCluster
+
+django_settings.setup()  # as tests/test_adapter_django.py does
+
+NAME = "session"
+START = {"user": "ann", "cart": [1]}
+
+
+@pytest.fixture(params=[None, "kill"], ids=["healthy", "a-server-killed"])
+def fault(request: pytest.FixtureRequest) -> str | None:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def store(cluster: LocalCluster) -> Iterator[SessionStore]:
+    with make_store(cluster, ttl=600) as store:
+        yield store
+
+
+def begin(cluster: LocalCluster, store: SessionStore, fault: str | None) -> str:
+    """A logged-in session; with the fault, one of its servers killed first."""
+    sid = store.new_id()
+    store.save(sid, START)
+    if fault == "kill":
+        address = store.locate(sid)[0]
+        cluster.kill(next(s.index for s in cluster.servers if s.address == address))
+    return sid
+
+
+class Gate:
+    """The slow request says it has loaded the session, then waits to be let go."""
+
+    def __init__(self) -> None:
+        self.loaded, self.go = threading.Event(), threading.Event()
+
+    def hold(self) -> None:
+        self.loaded.set()
+        assert self.go.wait(10)
+
+
+def both_ways(slow: Callable[[], Any], fast: Callable[[], Any], gate: Gate) -> None:
+    """Run ``slow`` in a thread until it has loaded, ``fast`` to its end, then let
+    ``slow`` finish; re-raise what either raised."""
+    errors: list[BaseException] = []
+
+    def run_slow() -> None:
+        try:
+            slow()
+        except BaseException as exc:
+            errors.append(exc)
+            gate.loaded.set()
+
+    thread = threading.Thread(target=run_slow)
+    thread.start()
+    assert gate.loaded.wait(10)
+    try:
+        fast()
+    finally:
+        gate.go.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+# -- WSGI ----------------------------------------------------------------------------
+
+
+def wsgi_app(gate: Gate) -> Callable[..., Any]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        session = environ["memsess.session"]
+        query = dict(part.split("=") for part in environ["QUERY_STRING"].split("&"))
+        assert session["user"] == "ann"  # loaded
+        if query.get("wait"):
+            gate.hold()
+        if query["do"] == "cart":
+            session["cart"].append(2)  # a nested change...
+            session.modified = True  # ...said so, as in Flask
+        else:
+            session["theme"] = "dark"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    return app
+
+
+def wsgi_call(app: Any, path: str, sid: str) -> None:
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ["PATH_INFO"], _, environ["QUERY_STRING"] = path.partition("?")
+    environ["HTTP_COOKIE"] = f"{NAME}={sid}"
+    b"".join(app(environ, lambda status, headers, exc_info=None: None))
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("merge", {"user": "ann", "cart": [1, 2], "theme": "dark"}),
+        ("overwrite", {"user": "ann", "cart": [1, 2]}),
+    ],
+)
+def test_wsgi(
+    cluster: LocalCluster, fault: str | None, store: SessionStore, policy: str, expected: Any
+) -> None:
+    from memsess.adapters.wsgi import SessionMiddleware
+
+    sid = begin(cluster, store, fault)
+    gate = Gate()
+    app = SessionMiddleware(wsgi_app(gate), store, on_conflict=policy)
+    both_ways(
+        lambda: wsgi_call(app, "/?do=cart&wait=1", sid),
+        lambda: wsgi_call(app, "/?do=theme", sid),
+        gate,
+    )
+    assert store.load(sid) == expected
+
+
+def test_wsgi_error_policy_refuses_the_later_save(
+    cluster: LocalCluster, fault: str | None, store: SessionStore
+) -> None:
+    from memsess.adapters.wsgi import SessionMiddleware
+
+    sid = begin(cluster, store, fault)
+    gate = Gate()
+    app = SessionMiddleware(wsgi_app(gate), store, on_conflict="error")
+    with pytest.raises(SessionConflictError):
+        both_ways(
+            lambda: wsgi_call(app, "/?do=cart&wait=1", sid),
+            lambda: wsgi_call(app, "/?do=theme", sid),
+            gate,
+        )
+    assert store.load(sid) == {"user": "ann", "cart": [1], "theme": "dark"}
+
+
+def test_a_misspelt_policy_is_refused_at_once(store: SessionStore) -> None:
+    from memsess.adapters.wsgi import SessionMiddleware
+
+    with pytest.raises(ValueError, match="merge"):
+        SessionMiddleware(wsgi_app(Gate()), store, on_conflict="merged")
+
+
+# -- Flask ---------------------------------------------------------------------------
+
+
+def test_flask(cluster: LocalCluster, fault: str | None, store: SessionStore) -> None:
+    from flask import Flask, request, session
+
+    from memsess.adapters.flask import init_app
+
+    sid = begin(cluster, store, fault)
+    gate = Gate()
+    app = Flask(__name__)
+    app.secret_key = "unused"
+    init_app(app, store)
+
+    @app.get("/")
+    def change() -> str:
+        assert session["user"] == "ann"
+        if request.args.get("wait"):
+            gate.hold()
+        if request.args["do"] == "cart":
+            session["cart"].append(2)
+            session.modified = True  # Flask's way to say a nested value changed
+        else:
+            session["theme"] = "dark"
+        return "ok"
+
+    def get(path: str) -> None:
+        client = app.test_client()
+        client.set_cookie(NAME, sid)
+        assert client.get(path).status_code == 200
+
+    both_ways(lambda: get("/?do=cart&wait=1"), lambda: get("/?do=theme"), gate)
+    assert store.load(sid) == {"user": "ann", "cart": [1, 2], "theme": "dark"}
+
+
+# -- Django (the backend, as its SessionMiddleware drives it) --------------------------
+
+
+def test_django(
+    cluster: LocalCluster, fault: str | None, store: SessionStore, settings_for_django: Any
+) -> None:
+    from memsess.adapters.django import SessionStore as DjangoSession
+    from memsess.adapters.django import get_store
+
+    sid = begin(cluster, get_store(), fault)
+    slow, fast = DjangoSession(sid), DjangoSession(sid)
+    assert slow["user"] == fast["user"] == "ann"  # both loaded
+    fast["theme"] = "dark"
+    fast.save()
+    slow["cart"].append(2)
+    slow.modified = True
+    slow.save()
+    assert get_store().load(sid) == {"user": "ann", "cart": [1, 2], "theme": "dark"}
+
+
+@pytest.fixture
+def settings_for_django(cluster: LocalCluster) -> Iterator[None]:
+    import django_settings  # noqa: F401 - configures Django
+    from django.test import override_settings
+
+    dsn = cluster.dsn(timeout=TIMEOUT, retry_interval=RETRY_INTERVAL)
+    with override_settings(SESSION_MEMSESS={"SAVE_PATH": dsn, "REDUNDANCY": 2}):
+        yield
+
+
+# -- ASGI (Starlette) and Quart: two requests at once on one event loop ---------------------
+
+
+def test_asgi(cluster: LocalCluster, fault: str | None, store: SessionStore) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from memsess.adapters.asgi import SessionMiddleware
+
+    sid = begin(cluster, store, fault)
+
+    async def main() -> None:
+        loaded, go = asyncio.Event(), asyncio.Event()
+
+        async def change(request: Request) -> PlainTextResponse:
+            assert request.session["user"] == "ann"
+            if request.query_params.get("wait"):
+                loaded.set()
+                await go.wait()
+            if request.query_params["do"] == "cart":
+                request.session["cart"].append(2)
+                request.session["cart"] = request.session["cart"]
+            else:
+                request.session["theme"] = "dark"
+            return PlainTextResponse("ok")
+
+        astore = AsyncSessionStore.from_store(store)
+        app = SessionMiddleware(Starlette(routes=[Route("/", change)]), store=astore)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", cookies={NAME: sid}
+        ) as client:
+            slow = asyncio.ensure_future(client.get("/?do=cart&wait=1"))
+            await loaded.wait()
+            assert (await client.get("/?do=theme")).status_code == 200
+            go.set()
+            assert (await slow).status_code == 200
+        await astore.aclose()
+
+    asyncio.run(main())
+    assert store.load(sid) == {"user": "ann", "cart": [1, 2], "theme": "dark"}
+
+
+def test_quart(cluster: LocalCluster, fault: str | None, store: SessionStore) -> None:
+    from quart import Quart, request, session
+
+    from memsess.adapters.quart import init_app
+
+    sid = begin(cluster, store, fault)
+
+    async def main() -> None:
+        loaded, go = asyncio.Event(), asyncio.Event()
+        astore = AsyncSessionStore.from_store(store)
+        app = Quart(__name__)
+        init_app(app, astore)
+
+        @app.get("/")
+        async def change() -> str:
+            assert session["user"] == "ann"
+            if request.args.get("wait"):
+                loaded.set()
+                await go.wait()
+            if request.args["do"] == "cart":
+                session["cart"].append(2)
+                session.modified = True
+            else:
+                session["theme"] = "dark"
+            return "ok"
+
+        def client() -> Any:
+            made = app.test_client()
+            made.set_cookie("localhost", NAME, sid)
+            return made
+
+        slow = asyncio.ensure_future(client().get("/?do=cart&wait=1"))
+        await loaded.wait()
+        assert (await client().get("/?do=theme")).status_code == 200
+        go.set()
+        assert (await slow).status_code == 200
+        await astore.aclose()
+
+    asyncio.run(main())
+    assert store.load(sid) == {"user": "ann", "cart": [1, 2], "theme": "dark"}
+
+
+def test_the_counters_say_a_merge_happened(
+    cluster: LocalCluster, fault: str | None, store: SessionStore
+) -> None:
+    from memsess.adapters.wsgi import SessionMiddleware
+
+    sid = begin(cluster, store, fault)
+    gate = Gate()
+    app = SessionMiddleware(wsgi_app(gate), store)
+    both_ways(
+        lambda: wsgi_call(app, "/?do=cart&wait=1", sid),
+        lambda: wsgi_call(app, "/?do=theme", sid),
+        gate,
+    )
+    stats = store.stats()
+    assert stats["conflicts"] == 1
+    assert stats["merge_overwrites"] == 0
+    assert isinstance(memsess.SessionConflictError("x"), memsess.MemsessError)
