@@ -182,10 +182,14 @@ class _SessionState(MutableMapping[str, Any]):
         return Outcome.SET
 
     def _gone(self) -> Outcome:
-        """A conditional save met a logout made elsewhere: the logout stands."""
+        """A conditional save met a logout made elsewhere: the logout stands, and this
+        request's changes are dropped. The cookie is left alone: the browser may hold
+        a newer one by now (a login in another request moved the session to a new id;
+        expiring the cookie here would log the user out again), and the old id reads
+        as no session anyway."""
         log.info("session logged out elsewhere during this request; changes dropped")
         self.sid = None
-        return Outcome.DELETE
+        return Outcome.NOTHING
 
 
 class Session(_SessionState):

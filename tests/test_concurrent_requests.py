@@ -327,3 +327,70 @@ def test_the_counters_say_a_merge_happened(
     assert stats["conflicts"] == 1
     assert stats["merge_overwrites"] == 0
     assert isinstance(memsess.SessionConflictError("x"), memsess.MemsessError)
+
+
+# -- whole-session operations: a login (regenerate) and a logout (clear) ----------------
+
+
+def login_app(gate: Gate) -> Callable[..., Any]:
+    """/login regenerates (a new id, the old one logged out); /logout clears;
+    /note?wait=1 loads, waits for the gate, then sets a key."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        session = environ["memsess.session"]
+        path = environ["PATH_INFO"]
+        assert session["user"] == "ann"  # loaded
+        if path == "/login":
+            session["user"] = "ann (logged in)"
+            session.regenerate()
+        elif path == "/logout":
+            session.clear()
+        else:
+            gate.hold()
+            session["note"] = "from the slow request"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    return app
+
+
+def wsgi_cookies(app: Any, path: str, sid: str) -> list[str]:
+    """The Set-Cookie values of one request with session cookie ``sid``."""
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ["PATH_INFO"] = path
+    environ["HTTP_COOKIE"] = f"{NAME}={sid}"
+    headers: list[tuple[str, str]] = []
+    b"".join(app(environ, lambda status, found, exc_info=None: headers.extend(found)))
+    return [value for name, value in headers if name.lower() == "set-cookie"]
+
+
+@pytest.mark.parametrize("whole", ["/login", "/logout"])
+def test_a_request_finishing_after_a_login_or_logout_changes_nothing(
+    cluster: LocalCluster, fault: str | None, store: SessionStore, whole: str
+) -> None:
+    # Defined: a login or a logout is a whole-session operation. A request that loaded
+    # the session before it and saves after it finds the old id logged out: its changes
+    # are dropped, and it leaves the cookie alone, so the browser keeps the cookie of
+    # the login (a cookie expired by that late response would log the user out again).
+    from memsess.adapters.wsgi import SessionMiddleware
+
+    sid = begin(cluster, store, fault)
+    gate = Gate()
+    app = SessionMiddleware(login_app(gate), store)
+    late: list[list[str]] = []
+    first: list[str] = []
+    both_ways(
+        lambda: late.append(wsgi_cookies(app, "/note", sid)),
+        lambda: first.extend(wsgi_cookies(app, whole, sid)),
+        gate,
+    )
+    assert late == [[]]  # no Set-Cookie from the late request
+    assert store.load(sid) is None  # the old id stays logged out
+    if whole == "/login":
+        (cookie,) = first
+        new_sid = cookie.split(";")[0].split("=", 1)[1]
+        assert new_sid != sid
+        assert store.load(new_sid) == {"user": "ann (logged in)", "cart": [1]}
+    else:
+        assert "Max-Age=0" in first[0]  # the logout expired the cookie itself
