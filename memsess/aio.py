@@ -11,6 +11,7 @@ for the blocking store; no request waits for them.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -19,11 +20,11 @@ from typing import Any, TypeVar
 
 from memsess._forksafe import renew_locks_after_fork
 from memsess.plans import Flow
-from memsess.store import Snapshot, StoreCore
+from memsess.store import DEFAULT_LOCK_LEASE, DEFAULT_LOCK_WAIT, Snapshot, StoreCore
 from memsess.transport.aio import AsyncFanout, LoopPools
 from memsess.transport.pool import reset_after_fork
 
-__all__ = ["AsyncSessionStore"]
+__all__ = ["AsyncSessionLock", "AsyncSessionStore"]
 
 T = TypeVar("T")
 
@@ -105,6 +106,13 @@ class AsyncSessionStore(StoreCore):
         """Move the session to a new id; see :meth:`memsess.SessionStore.regenerate`."""
         return await self._arun(self._regenerate(sid, data, ttl, snapshot))
 
+    def lock(
+        self, sid: str, *, lease: float = DEFAULT_LOCK_LEASE, wait: float = DEFAULT_LOCK_WAIT
+    ) -> AsyncSessionLock:
+        """The session's lock (``async with store.lock(sid): ...``); see
+        :meth:`memsess.SessionStore.lock`."""
+        return AsyncSessionLock(self, sid, lease=lease, wait=wait)
+
     async def aclose(self) -> None:
         """Close this loop's idle connections (and those of loops already closed) and
         stop the background thread. The store can still be used afterwards.
@@ -182,6 +190,31 @@ class AsyncSessionStore(StoreCore):
                 self._loops[loop] = pools
             self._current = (weakref.ref(loop), pools)
         return pools
+
+
+class AsyncSessionLock:
+    """:class:`memsess.store.SessionLock`, awaited."""
+
+    def __init__(self, store: AsyncSessionStore, sid: str, *, lease: float, wait: float) -> None:
+        self.store, self.sid, self.lease, self.wait = store, sid, lease, wait
+        self.token = secrets.token_hex(16).encode("ascii")
+        self.held = False
+
+    async def acquire(self) -> None:
+        await self.store._arun(self.store._lock(self.sid, self.token, self.lease, self.wait))
+        self.held = True
+
+    async def release(self) -> None:
+        if self.held:
+            self.held = False
+            await self.store._arun(self.store._unlock(self.sid, self.token))
+
+    async def __aenter__(self) -> AsyncSessionLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
 
 
 async def _close_at_shutdown(pools: LoopPools) -> None:

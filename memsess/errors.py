@@ -137,6 +137,11 @@ class SessionConflictError(MemsessError):
         self.current = current
 
 
+class SessionLockError(MemsessError):
+    """The session's lock could not be had within the wait given: another request
+    holds it (or held it and crashed: its lease ends it)."""
+
+
 class SessionGoneError(ClusterError, KeyError):
     """A conditional save found the session logged out (a tombstone) since it was
     loaded: the save was not applied, and the logout stands."""

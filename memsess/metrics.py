@@ -27,6 +27,8 @@ COUNTERS: Final[Mapping[str, str]] = {
     "server_state_changes": "servers marked down, back up or suspect",
     "conflicts": "conditional saves that found the session saved elsewhere since its load",
     "merge_overwrites": "keys a merged save changed that the other save had changed too",
+    "locks": "session locks taken",
+    "lock_timeouts": "session locks not had within their wait",
 }
 
 

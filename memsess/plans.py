@@ -22,7 +22,7 @@ from memsess.records import FLAGS, Record
 from memsess.rules import AllAnswers, Copy, ReadRule, WriteRule
 from memsess.transport import Result, WaitRule
 
-__all__ = ["MARKER_SUFFIX", "Conflict", "Found", "Plans", "Step"]
+__all__ = ["LOCK_SUFFIX", "MARKER_SUFFIX", "Conflict", "Found", "Plans", "Step"]
 
 log = logging.getLogger("memsess.store")
 
@@ -35,6 +35,11 @@ _STORAGE: Final = ReplyKind.STORAGE
 MARKER_SUFFIX: Final = b"missed-writes"
 _CONFLICT_ROUNDS: Final = 3  # cas retries of one save against concurrent writers
 _CONFLICTS: Final = frozenset({Status.EXISTS, Status.NOT_STORED, Status.NOT_FOUND})
+#: A session's lock lives under its storage key plus this, on its replica set.
+LOCK_SUFFIX: Final = b".lock"
+# An exptime over 30 days is a Unix time; one in 1970 expires the item at once: what a
+# release writes with cas (memcached's classic delete takes no cas token).
+_EXPIRED_AT_ONCE: Final = 30 * 24 * 3600 + 1
 
 
 # NamedTuples rather than frozen dataclasses: several are made per request, and a
@@ -329,6 +334,45 @@ class Plans:
         missed = [i for i in members if i not in done]
         if missed and done:
             self._missed(key, missed)
+
+    # -- locks ------------------------------------------------------------------------
+
+    def acquire(self, key: bytes, token: bytes, lease: int) -> Flow[bool]:
+        """One try at ``key``'s lock: ``add`` of ``token`` (living ``lease`` seconds) on
+        every live copy. True when every copy that answered took it; when another holds
+        it on any, the copies this try took are released and it is False. A copy that
+        failed or was cut off decides nothing (its server is faulty: best effort)."""
+        targets = self.targets(key)
+        command = protocol.add(key + LOCK_SUFFIX, token, exptime=lease)
+        results = yield Step([(i, command) for i in targets], WriteRule(self.cluster, targets))
+        taken = [i for i, result in zip(targets, results, strict=True) if result is Status.STORED]
+        held = any(result is Status.NOT_STORED for result in results)
+        if taken and not held:
+            return True
+        if not taken and not held:
+            raise NoServerAvailableError(
+                "no server of this session's replica set could take its lock: "
+                + "; ".join(str(result) for result in results)
+            )
+        if taken:
+            yield from self.release(key, token, taken)
+        return False
+
+    def release(self, key: bytes, token: bytes, servers: list[int] | None = None) -> Flow[None]:
+        """Release ``key``'s lock where it is still ``token``'s: read it with ``gets`` and
+        expire it with ``cas``, never a blind delete, so a lock that expired and was
+        taken by another request meanwhile stays that request's."""
+        targets = self.targets(key) if servers is None else servers
+        lock_key = key + LOCK_SUFFIX
+        read = protocol.get(lock_key, cas=True)
+        results = yield Step([(i, read) for i in targets], WriteRule(self.cluster, targets))
+        batch = [
+            (i, protocol.cas(lock_key, b"", result.items[0].cas or 0, exptime=_EXPIRED_AT_ONCE))
+            for i, result in zip(targets, results, strict=True)
+            if isinstance(result, Values) and result.items and result.items[0].value == token
+        ]
+        if batch:
+            yield Step(batch, WriteRule(self.cluster, [i for i, _ in batch]))
 
     # -- markers ----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from memsess.errors import (
     SessionConflictError,
     SessionGoneError,
     SessionIdError,
+    SessionLockError,
     SessionTooLargeError,
     WriteError,
 )
@@ -45,7 +47,7 @@ from memsess.rules import AllAnswers
 from memsess.serializers import SERIALIZERS, Serializer, get_serializer
 from memsess.transport import Result
 
-__all__ = ["DEFAULT_TTL", "SessionStore", "Snapshot", "StoreCore"]
+__all__ = ["DEFAULT_TTL", "SessionLock", "SessionStore", "Snapshot", "StoreCore"]
 
 log = logging.getLogger("memsess.store")
 
@@ -63,6 +65,12 @@ _MERGE_ROUNDS: Final = 16  # merges of one save against writers that keep winnin
 # (capped at _MERGE_JITTER_CAP): writers that met spread out instead of meeting again.
 _MERGE_JITTER: Final = 0.001
 _MERGE_JITTER_CAP: Final = 0.05
+#: A session lock's lease (seconds): it ends by itself if its holder never releases it.
+DEFAULT_LOCK_LEASE: Final = 10.0
+#: How long (seconds) a request waits for a session's lock before SessionLockError.
+DEFAULT_LOCK_WAIT: Final = 2.0
+_LOCK_PAUSE: Final = 0.005  # seconds before the first retry of a lock; doubles each time
+_LOCK_MAX_PAUSE: Final = 0.1
 # Room memcached needs in an item besides the value: item header, key, suffix.
 _ITEM_OVERHEAD: Final = 512
 
@@ -118,6 +126,34 @@ class Changes(NamedTuple):
 
 
 _ABSENT: Final = object()
+
+
+class SessionLock:
+    """A session's lock, taken by :meth:`acquire` (or ``with``), given back by
+    :meth:`release`; ``token`` says who owns it."""
+
+    def __init__(self, store: SessionStore, sid: str, *, lease: float, wait: float) -> None:
+        self.store, self.sid, self.lease, self.wait = store, sid, lease, wait
+        self.token = secrets.token_hex(16).encode("ascii")
+        self.held = False
+
+    def acquire(self) -> None:
+        self.store._run(self.store._lock(self.sid, self.token, self.lease, self.wait))
+        self.held = True
+
+    def release(self) -> None:
+        """Give the lock back, where it is still this owner's (a lease that ran out may
+        have let another request take it: that one keeps it)."""
+        if self.held:
+            self.held = False
+            self.store._run(self.store._unlock(self.sid, self.token))
+
+    def __enter__(self) -> SessionLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class StoreCore:
@@ -349,6 +385,26 @@ class StoreCore:
         yield from self._delete(sid)
         return fresh
 
+    def _lock(self, sid: str, token: bytes, lease: float, wait: float) -> Flow[None]:
+        key = storage_key(self.key_prefix, sid)
+        seconds = lifetime_seconds(lease, name="lease")
+        deadline = time.monotonic() + wait
+        pause = _LOCK_PAUSE
+        while not (yield from self._plans.acquire(key, token, seconds)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._metrics.add("lock_timeouts")
+                raise SessionLockError(
+                    f"the session's lock is held by another request; not had within {wait:g} s"
+                )
+            nap = min(left, random.uniform(pause / 2, pause))
+            yield Step([], AllAnswers(self._cluster, []), False, nap)
+            pause = min(pause * 2, _LOCK_MAX_PAUSE)
+        self._metrics.add("locks")
+
+    def _unlock(self, sid: str, token: bytes) -> Flow[None]:
+        yield from self._plans.release(storage_key(self.key_prefix, sid), token)
+
     # -- the blocking driver ------------------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
@@ -490,6 +546,17 @@ class SessionStore(StoreCore):
         session to move and no data given, or when ``snapshot`` is given and
         the session was logged out since it was loaded."""
         return self._run(self._regenerate(sid, data, ttl, snapshot))
+
+    def lock(
+        self, sid: str, *, lease: float = DEFAULT_LOCK_LEASE, wait: float = DEFAULT_LOCK_WAIT
+    ) -> SessionLock:
+        """The session's lock, for requests that must not run at once
+        (``with store.lock(sid): ...``): held by one owner at a time, for at most
+        ``lease`` seconds (it ends by itself if its holder crashes), waited for at most
+        ``wait`` seconds (then SessionLockError), released only by its owner. It lives
+        on the session's replica set; under a server fault it is best effort, see
+        docs/consistency.md. Saves stay conditional under it."""
+        return SessionLock(self, sid, lease=lease, wait=wait)
 
     def close(self) -> None:
         """Close every idle connection and stop the background thread. The store can
