@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from memsess.errors import ClusterError, MemsessError, SessionGoneError
 from memsess.records import is_valid_id, lifetime_seconds, new_id
-from memsess.store import ON_CONFLICT, SessionStore, Snapshot
+from memsess.store import ON_CONFLICT, SessionLock, SessionStore, Snapshot
 
 if TYPE_CHECKING:
-    from memsess.aio import AsyncSessionStore
+    from memsess.aio import AsyncSessionLock, AsyncSessionStore
 
 __all__ = [
     "CONFIG_OPTIONS",
     "CONFLICT_KEY",
+    "POLICIES",
     "AsyncSession",
     "Outcome",
     "Session",
@@ -72,6 +73,8 @@ class _SessionState(MutableMapping[str, Any]):
 
     def __init__(self, cookie_value: str | None, *, on_conflict: str = "merge") -> None:
         self.on_conflict = conflict_policy(on_conflict)
+        self.locking = self.on_conflict == "lock"
+        self._save_policy = "merge" if self.locking else self.on_conflict
         self.sid: str | None = None
         self.modified = False
         self.accessed = False
@@ -168,7 +171,7 @@ class _SessionState(MutableMapping[str, Any]):
         return StoreCall(
             "save",
             sid,
-            {"data": data, "ttl": ttl, "snapshot": snapshot, "on_conflict": self.on_conflict},
+            {"data": data, "ttl": ttl, "snapshot": snapshot, "on_conflict": self._save_policy},
         )
 
     def _settle(self, call: StoreCall, result: Any) -> Outcome:
@@ -205,22 +208,37 @@ class Session(_SessionState):
     ) -> None:
         super().__init__(cookie_value, on_conflict=on_conflict)
         self.store = store
+        self._held: SessionLock | None = None
 
     def _load(self, sid: str) -> dict[str, Any]:
+        if self.locking and self._held is None:  # held from the load to the save
+            lock = self.store.lock(sid)
+            lock.acquire()  # SessionLockError when not had within its wait
+            self._held = lock
         return self._adopt(self.store.fetch(sid))
+
+    def release(self) -> None:
+        """Give back the session's lock if this request holds it (the adapters call
+        this at the end of every request, however it ended)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
 
     def persist(self, ttl: int, *, refresh: bool) -> Outcome:
         """Write this request's changes with a lifetime of ``ttl`` seconds and say
         what to do with the cookie. Unchanged, with ``refresh``: a touch, not a
         rewrite. A session that was never loaded costs no round trip."""
-        call = self._plan(ttl, refresh)
-        if isinstance(call, Outcome):
-            return call
         try:
-            result = getattr(self.store, call.method)(call.sid, **call.kwargs)
-        except SessionGoneError:
-            return self._gone()
-        return self._settle(call, result)
+            call = self._plan(ttl, refresh)
+            if isinstance(call, Outcome):
+                return call
+            try:
+                result = getattr(self.store, call.method)(call.sid, **call.kwargs)
+            except SessionGoneError:
+                return self._gone()
+            return self._settle(call, result)
+        finally:
+            self.release()
 
 
 class AsyncSession(_SessionState):
@@ -241,12 +259,17 @@ class AsyncSession(_SessionState):
         super().__init__(cookie_value, on_conflict=on_conflict)
         self.store = store
         self.load_error: ClusterError | None = None
+        self._held: AsyncSessionLock | None = None
 
     async def aload(self) -> AsyncSession:
         """Read the session from the store, once (later calls return at once).
         Raises :class:`memsess.NoServerAvailableError` when no copy can be read."""
         sid = self._cookie_sid
         if self._data is None and sid is not None:
+            if self.locking and self._held is None:  # held from the load to the save
+                lock = self.store.lock(sid)
+                await lock.acquire()  # SessionLockError when not had within its wait
+                self._held = lock
             try:
                 snapshot = await self.store.fetch(sid)
             except ClusterError as exc:
@@ -267,14 +290,23 @@ class AsyncSession(_SessionState):
 
     async def apersist(self, ttl: int, *, refresh: bool) -> Outcome:
         """:meth:`Session.persist`, awaited."""
-        call = self._plan(ttl, refresh)
-        if isinstance(call, Outcome):
-            return call
         try:
-            result = await getattr(self.store, call.method)(call.sid, **call.kwargs)
-        except SessionGoneError:
-            return self._gone()
-        return self._settle(call, result)
+            call = self._plan(ttl, refresh)
+            if isinstance(call, Outcome):
+                return call
+            try:
+                result = await getattr(self.store, call.method)(call.sid, **call.kwargs)
+            except SessionGoneError:
+                return self._gone()
+            return self._settle(call, result)
+        finally:
+            await self.arelease()
+
+    async def arelease(self) -> None:
+        """:meth:`Session.release`, awaited."""
+        held, self._held = self._held, None
+        if held is not None:
+            await held.release()
 
 
 # -- the cookie --------------------------------------------------------------------
@@ -343,15 +375,21 @@ class SessionCookie:
 # -- the conflict policy -------------------------------------------------------------
 
 
+#: An adapter's conflict policies: the store's (see SessionStore.save), with
+#: "last-write-wins" for "overwrite", and "lock": each request holds the session's lock
+#: from its load to its save (its save still merges, should the lock be lost to a fault).
+POLICIES: Final = (*ON_CONFLICT, "last-write-wins", "lock")
+
+
 def conflict_policy(value: str) -> str:
-    """``value`` if it names a policy for a save that meets another request's save of
-    the same session ("merge", "error", "overwrite"; see SessionStore.save), else
-    ValueError at configuration time rather than at the first conflict."""
-    if value not in ON_CONFLICT:
+    """``value`` if it names a policy for requests of one user that run at once
+    (:data:`POLICIES`; "last-write-wins" is read as "overwrite"), else ValueError at
+    configuration time rather than at the first conflict."""
+    if value not in POLICIES:
         raise ValueError(
-            f"memsess: the conflict policy is one of {', '.join(ON_CONFLICT)}, not {value!r}"
+            f"memsess: the conflict policy is one of {', '.join(POLICIES)}, not {value!r}"
         )
-    return value
+    return "overwrite" if value == "last-write-wins" else value
 
 
 # -- Flask-style configuration (Flask and Quart) -------------------------------------

@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from memsess.adapters import AsyncSession, SessionCookie, conflict_policy
 from memsess.aio import AsyncSessionStore
-from memsess.errors import ClusterError
+from memsess.errors import ClusterError, SessionLockError
 from memsess.records import lifetime_seconds
 
 __all__ = ["SCOPE_KEY", "AsyncSession", "SessionMiddleware", "load_session"]
@@ -133,12 +133,14 @@ class SessionMiddleware:
             if not self.lazy:
                 await session.aload()
             await self.app(scope, receive, send_with_cookie)
-        except ClusterError as exc:
+        except (ClusterError, SessionLockError) as exc:
             if started:
                 raise
             log.warning("sessions unavailable, answered 503: %s", exc)
             if not replaced:
                 await self._unavailable(send)
+        finally:
+            await session.arelease()  # the lock, if the policy took one
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = scope[SCOPE_KEY] = self._session(scope)

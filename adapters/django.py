@@ -89,9 +89,15 @@ def conflict_setting() -> str:
     wins)."""
     config = getattr(settings, "SESSION_MEMSESS", None) or {}
     try:
-        return conflict_policy(config.get("ON_CONFLICT", "merge"))
+        policy = conflict_policy(config.get("ON_CONFLICT", "merge"))
     except ValueError as exc:
         raise ImproperlyConfigured(str(exc)) from None
+    if policy == "lock":  # a backend sees no end of the request to give the lock back at
+        raise ImproperlyConfigured(
+            'memsess: ON_CONFLICT "lock" is not available for Django yet; "merge" keeps'
+            " both requests' changes without a lock"
+        )
+    return policy
 
 
 def get_async_store() -> AsyncSessionStore:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask
+from flask import session as flask_session
 from flask.sessions import SessionInterface, SessionMixin
 from flask.wrappers import Request, Response
 
@@ -114,4 +115,13 @@ def init_app(app: Flask, store: SessionStore | None = None) -> MemsessSessionInt
     app.extensions["memsess"] = store
     interface = MemsessSessionInterface(store)
     app.session_interface = interface
+    app.teardown_request(_release_lock)
     return interface
+
+
+def _release_lock(exc: BaseException | None) -> None:
+    """After every request, however it ended: give back the session's lock if the
+    "lock" policy took one and no save did (a view that raised)."""
+    found = flask_session._get_current_object()  # type: ignore[attr-defined]
+    if isinstance(found, MemsessSession):
+        found.release()

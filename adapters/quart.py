@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from quart import Quart
+from quart import session as quart_session
 from quart.sessions import SessionInterface, SessionMixin
 from quart.wrappers import BaseRequestWebsocket, Response
 from werkzeug.wrappers import Response as WerkzeugResponse
@@ -127,4 +128,13 @@ def init_app(app: Quart, store: AsyncSessionStore | None = None) -> MemsessSessi
     app.extensions["memsess"] = store
     interface = MemsessSessionInterface(store)
     app.session_interface = interface  # type: ignore[assignment]  # typed as Quart's default
+    app.teardown_request(_release_lock)
     return interface
+
+
+async def _release_lock(exc: BaseException | None) -> None:
+    """After every request, however it ended: give back the session's lock if the
+    "lock" policy took one and no save did (a view that raised)."""
+    found = quart_session._get_current_object()  # type: ignore[attr-defined]
+    if isinstance(found, MemsessSession):
+        await found.arelease()

@@ -74,7 +74,11 @@ class SessionMiddleware:
                 headers = [*headers, ("Set-Cookie", cookie[0])]
             return start_response(status, headers, exc_info)
 
-        return self.app(environ, start)
+        try:
+            return self.app(environ, start)
+        except BaseException:
+            session.release()  # the lock, if the policy took one: never held past the request
+            raise
 
     def _cookie_value(self, environ: WSGIEnvironment) -> str | None:
         return self.cookie.value(environ.get("HTTP_COOKIE", ""))

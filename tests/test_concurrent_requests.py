@@ -394,3 +394,111 @@ def test_a_request_finishing_after_a_login_or_logout_changes_nothing(
         assert store.load(new_sid) == {"user": "ann (logged in)", "cart": [1]}
     else:
         assert "Max-Age=0" in first[0]  # the logout expired the cookie itself
+
+
+# -- the "lock" policy: one request at a time -------------------------------------------
+
+
+def serialized(slow: Callable[[], Any], fast: Callable[[], Any], gate: Gate) -> bool:
+    """Start ``slow`` (it loads, then waits for the gate), then ``fast``; True if
+    ``fast`` was still waiting when the gate opened (it could not load meanwhile)."""
+    threads = [threading.Thread(target=slow), threading.Thread(target=fast)]
+    threads[0].start()
+    assert gate.loaded.wait(10)
+    threads[1].start()
+    threads[1].join(timeout=0.3)  # it must not get through while the lock is held
+    waited = threads[1].is_alive()
+    gate.go.set()
+    for thread in threads:
+        thread.join(10)
+    return waited
+
+
+def test_wsgi_lock_policy_runs_the_requests_one_at_a_time(
+    cluster: LocalCluster, fault: str | None, store: SessionStore
+) -> None:
+    from memsess.adapters.wsgi import SessionMiddleware
+
+    sid = begin(cluster, store, fault)
+    gate = Gate()
+    app = SessionMiddleware(wsgi_app(gate), store, on_conflict="lock")
+    assert serialized(
+        lambda: wsgi_call(app, "/?do=cart&wait=1", sid),
+        lambda: wsgi_call(app, "/?do=theme", sid),
+        gate,
+    )
+    assert store.load(sid) == {"user": "ann", "cart": [1, 2], "theme": "dark"}
+    stats = store.stats()
+    assert (stats["locks"], stats["conflicts"]) == (2, 0)
+    key = storage_key_of(store, sid)
+    assert all(cluster.get_raw(s.index, key) is None for s in cluster.servers if s.running)
+
+
+def test_a_view_that_raises_gives_the_lock_back(
+    cluster: LocalCluster, fault: str | None, store: SessionStore
+) -> None:
+    from flask import Flask, session
+
+    from memsess.adapters.flask import init_app
+
+    sid = begin(cluster, store, fault)
+    app = Flask(__name__)
+    # TESTING: the exception propagates, so Flask never saves the session; only the
+    # teardown can give the lock back.
+    app.config.update(MEMSESS_ON_CONFLICT="lock", TESTING=True)
+    init_app(app, store)
+
+    @app.get("/boom")
+    def boom() -> str:
+        assert session["user"] == "ann"  # loaded: the lock is held
+        raise RuntimeError("a bug in the view")
+
+    client = app.test_client()
+    client.set_cookie(NAME, sid)
+    with pytest.raises(RuntimeError, match="a bug"):
+        client.get("/boom")
+    with store.lock(sid, wait=0.5):  # free again at once, not after its lease
+        pass
+
+
+def test_asgi_lock_policy_answers_503_when_the_lock_is_not_had(
+    cluster: LocalCluster, fault: str | None, store: SessionStore
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from memsess.adapters.asgi import SessionMiddleware
+
+    sid = begin(cluster, store, fault)
+
+    async def main() -> int:
+        async def show(request: Request) -> PlainTextResponse:
+            return PlainTextResponse(request.session["user"])
+
+        astore = AsyncSessionStore.from_store(store)
+        app = SessionMiddleware(
+            Starlette(routes=[Route("/", show)]), store=astore, on_conflict="lock"
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test", cookies={NAME: sid}
+        ) as client:
+            assert (await client.get("/")).text == "ann"  # took and gave back the lock
+            holder = store.lock(sid)
+            holder.acquire()  # another request holds it for longer than the wait
+            try:
+                status = (await client.get("/")).status_code
+            finally:
+                holder.release()
+        await astore.aclose()
+        return status
+
+    assert asyncio.run(main()) == 503
+
+
+def storage_key_of(store: SessionStore, sid: str) -> bytes:
+    from memsess.plans import LOCK_SUFFIX
+    from memsess.records import storage_key
+
+    return storage_key(store.key_prefix, sid) + LOCK_SUFFIX
