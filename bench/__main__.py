@@ -18,7 +18,10 @@ pinning never touch the next):
   time and 100 tasks on one loop (bench/aio.py);
 - ``loopstall``: how late a 10 ms ticker on the event loop runs while a server
   hangs, the async store against a blocking store called on the loop
-  (bench/loopstall.py).
+  (bench/loopstall.py);
+- ``concurrency``: what the conflict policies cost a request: round trips, wall
+  and CPU of merge, overwrite and lock, and of a merge after a conflict
+  (bench/concurrency.py).
 
 ``--smoke`` runs every part with tiny counts in a few seconds and exits 1 if
 any part fails: for CI, it checks that everything runs, never how fast.
@@ -48,6 +51,7 @@ PARTS = (
     "udp",
     "aio",
     "loopstall",
+    "concurrency",
 )
 
 
