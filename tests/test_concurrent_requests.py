@@ -502,3 +502,94 @@ def storage_key_of(store: SessionStore, sid: str) -> bytes:
     from memsess.records import storage_key
 
     return storage_key(store.key_prefix, sid) + LOCK_SUFFIX
+
+
+# -- eight requests at once, the same key, a logout: through ASGI, on one event loop ------
+
+
+def asgi_race_app(
+    store: AsyncSessionStore,
+    arrived: list[int],
+    all_in: asyncio.Event,
+    go: dict[str, asyncio.Event],
+) -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from memsess.adapters.asgi import SessionMiddleware
+
+    async def change(request: Request) -> PlainTextResponse:
+        name = request.query_params["name"]
+        assert request.session["user"] == "ann"  # loaded
+        arrived.append(1)
+        if len(arrived) == len(go):
+            all_in.set()
+        await go[name].wait()
+        if request.query_params.get("logout"):
+            request.session.clear()
+        else:
+            request.session[request.query_params["key"]] = name
+        return PlainTextResponse("ok")
+
+    return SessionMiddleware(Starlette(routes=[Route("/", change)]), store=store)
+
+
+def run_race(
+    store: SessionStore, sid: str, requests: list[dict[str, str]], order: list[str]
+) -> None:
+    """Send ``requests`` at once; once all have loaded the session, let them save one
+    by one in ``order`` (each waited for before the next)."""
+
+    async def main() -> None:
+        arrived: list[int] = []
+        all_in = asyncio.Event()
+        go = {request["name"]: asyncio.Event() for request in requests}
+        astore = AsyncSessionStore.from_store(store)
+        app = asgi_race_app(astore, arrived, all_in, go)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test", cookies={NAME: sid}
+        ) as client:
+            pending = {
+                request["name"]: asyncio.ensure_future(client.get("/", params=request))
+                for request in requests
+            }
+            await all_in.wait()  # every request has loaded the session
+            for name in order:
+                go[name].set()
+                assert (await pending[name]).status_code == 200
+        await astore.aclose()
+
+    asyncio.run(main())
+
+
+def test_eight_requests_at_once_changing_different_keys_keep_every_change(
+    cluster: LocalCluster, fault: str | None, store: SessionStore
+) -> None:
+    sid = begin(cluster, store, fault)
+    names = [f"r{n}" for n in range(8)]
+    run_race(store, sid, [{"name": n, "key": f"key-{n}"} for n in names], names)
+    assert store.load(sid) == {**START, **{f"key-{n}": n for n in names}}
+
+
+def test_two_requests_changing_the_same_key_the_later_save_wins(
+    cluster: LocalCluster, fault: str | None, store: SessionStore
+) -> None:
+    sid = begin(cluster, store, fault)
+    run_race(store, sid, [{"name": "a", "key": "x"}, {"name": "b", "key": "x"}], ["a", "b"])
+    assert store.load(sid) == {**START, "x": "b"}
+    assert store.stats()["merge_overwrites"] == 1
+
+
+def test_a_logout_during_another_request_wins(
+    cluster: LocalCluster, fault: str | None, store: SessionStore
+) -> None:
+    sid = begin(cluster, store, fault)
+    run_race(
+        store,
+        sid,
+        [{"name": "out", "logout": "1"}, {"name": "late", "key": "x"}],
+        ["out", "late"],
+    )
+    assert store.load(sid) is None

@@ -117,3 +117,41 @@ def test_the_async_store_locks_on_the_same_keys(cluster: LocalCluster, store: Se
             assert lock_values(cluster, store, sid) == [None, None]
 
     asyncio.run(main())
+
+
+def test_a_lock_held_by_a_killed_worker_ends_with_its_lease(
+    cluster: LocalCluster, store: SessionStore
+) -> None:
+    import subprocess
+    import sys
+
+    sid = store.new_id()
+    dsn = cluster.dsn(timeout=0.5, retry_interval=0.3)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, memsess\n"
+            "store = memsess.SessionStore.from_dsn(sys.argv[1], redundancy=2)\n"
+            "store.lock(sys.argv[2], lease=1).acquire()\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n",  # holds it until killed
+            dsn,
+            sid,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == "locked\n"
+        worker.kill()  # SIGKILL: it never releases
+        worker.wait()
+        with pytest.raises(SessionLockError):
+            store.lock(sid, wait=0.1).acquire()  # still held right after the kill
+        with store.lock(sid, wait=5):  # ...until its lease has run out
+            pass
+    finally:
+        worker.kill()
+        worker.wait()
