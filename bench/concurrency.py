@@ -12,9 +12,11 @@ local memcached servers, 2 KB sessions, redundancy 2.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench.common import RETRY_INTERVAL, TIMEOUT, is_smoke, local_cluster, make_session, measure
@@ -22,6 +24,42 @@ from memsess import SessionStore
 from memsess.testing import LocalCluster
 
 REDUNDANCY = 2
+PHP_SCRIPT = Path(__file__).resolve().parent / "php_session_lock.php"
+
+
+def php_with_memcached() -> str | None:
+    """The php command when it has the memcached extension (php-memcached), else None."""
+    php = shutil.which("php")
+    if php is None:
+        return None
+    modules = subprocess.run([php, "-m"], capture_output=True, text=True, check=False).stdout
+    return php if "memcached" in modules.split() else None
+
+
+def php_cycles(
+    php: str, cluster: LocalCluster, *, iterations: int, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """PHP's memcached session handler, a session_start + write_close cycle, with and
+    without its session lock, 2 copies (sess_number_of_replicas=1): the best (wall us,
+    process CPU us) per cycle of ``rounds`` runs."""
+    save_path = ",".join(server.address for server in cluster.servers)
+    found: dict[str, tuple[float, float]] = {}
+    for name, locking in (("PHP memcached, sess_locking on", "1"), ("PHP memcached, no lock", "0")):
+        best = (float("inf"), float("inf"))
+        for _ in range(rounds):
+            out = subprocess.run(
+                [php, str(PHP_SCRIPT), save_path, str(iterations), locking, "1"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=120,
+            )
+            result = json.loads(out.stdout)
+            if not result["ok"]:
+                raise RuntimeError(f"the PHP session cycle read back the wrong data: {out}")
+            best = min(best, (result["wall_us"], result["cpu_us"]))
+        found[name] = best
+    return found
 
 
 def _store(cluster: LocalCluster) -> SessionStore:
@@ -100,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         finally:
             store.close()
+        php = php_with_memcached()
+        php_rows = (
+            {}
+            if php is None
+            else php_cycles(php, cluster, iterations=5 if smoke else 2000, rounds=1 if smoke else 5)
+        )
     print(
         f"\nA request cycle (load, then a conditional save), 2 KB session, redundancy"
         f" {REDUNDANCY}, one at a time\n"
@@ -108,16 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| --- | --- | --- | --- |")
     for name, timing in timings.items():
         print(f"| {name} | {trips[name]} | {timing.us:.1f} | {timing.cpu_us:.1f} |")
-    php = shutil.which("php")
-    has_memcached = (
-        php is not None
-        and "memcached"
-        in subprocess.run([php, "-m"], capture_output=True, text=True, check=False).stdout.split()
-    )
-    if not has_memcached:
+    for name, (wall, cpu) in php_rows.items():
+        print(f"| {name} (2 copies; CPU: the PHP process's) | | {wall:.1f} | {cpu:.1f} |")
+    if php is None:
         print(
             "\n(PHP's memcached extension, with its session lock, is not installed here:"
-            " `apt-get install php-cli php-memcached` for its row; not measured.)"
+            " `apt-get install php-cli php-memcached` for its rows; not measured.)"
         )
 
 
