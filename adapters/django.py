@@ -9,11 +9,13 @@ its asyncio twin (sharing its cluster) for the async methods.
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import weakref
 from collections.abc import Callable, Generator
 from typing import Any, Final, TypeVar
 
+from asgiref.sync import iscoroutinefunction
 from django.conf import settings  # type: ignore[import-untyped]  # Django ships no types
 from django.contrib.sessions.backends.base import (  # type: ignore[import-untyped]
     CreateError,
@@ -22,6 +24,7 @@ from django.contrib.sessions.backends.base import (  # type: ignore[import-untyp
 )
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
 from django.core.signals import setting_changed  # type: ignore[import-untyped]
+from django.utils.decorators import sync_and_async_middleware  # type: ignore[import-untyped]
 
 from memsess.adapters import conflict_policy
 from memsess.aio import AsyncSessionStore
@@ -30,7 +33,15 @@ from memsess.records import is_valid_id, lifetime_seconds
 from memsess.store import SessionStore as MemsessStore
 from memsess.store import Snapshot
 
-__all__ = ["OPTIONS", "SessionStore", "conflict_setting", "get_async_store", "get_store"]
+__all__ = [
+    "LOCK_MIDDLEWARE",
+    "OPTIONS",
+    "SessionLockMiddleware",
+    "SessionStore",
+    "conflict_setting",
+    "get_async_store",
+    "get_store",
+]
 
 #: Keys of ``settings.SESSION_MEMSESS`` besides the required ``SAVE_PATH``, and the
 #: SessionStore option each sets. The store's ttl is ``SESSION_COOKIE_AGE``.
@@ -92,12 +103,45 @@ def conflict_setting() -> str:
         policy = conflict_policy(config.get("ON_CONFLICT", "merge"))
     except ValueError as exc:
         raise ImproperlyConfigured(str(exc)) from None
-    if policy == "lock":  # a backend sees no end of the request to give the lock back at
+    if policy == "lock" and LOCK_MIDDLEWARE not in settings.MIDDLEWARE:
+        # A backend sees no end of the request: the middleware gives the lock back.
         raise ImproperlyConfigured(
-            'memsess: ON_CONFLICT "lock" is not available for Django yet; "merge" keeps'
-            " both requests' changes without a lock"
+            f'memsess: ON_CONFLICT "lock" needs "{LOCK_MIDDLEWARE}" in MIDDLEWARE, before'
+            ' "django.contrib.sessions.middleware.SessionMiddleware"'
         )
     return policy
+
+
+#: The middleware the "lock" policy needs: it gives the session's lock back at the end
+#: of every request, however it ended (after SessionMiddleware has saved the session).
+LOCK_MIDDLEWARE: Final = "memsess.adapters.django.SessionLockMiddleware"
+
+
+@sync_and_async_middleware  # type: ignore[untyped-decorator]
+def SessionLockMiddleware(get_response: Any) -> Any:  # noqa: N802 - Django's middleware style
+    """Gives back the session's lock the request took under ``ON_CONFLICT: "lock"``,
+    once the response is made (and the session saved), or when the view raised."""
+    if iscoroutinefunction(get_response):
+
+        async def release_after(request: Any) -> Any:
+            try:
+                return await get_response(request)
+            finally:
+                session = getattr(request, "session", None)
+                if isinstance(session, SessionStore):
+                    await session.arelease_lock()
+
+        return release_after
+
+    def release_after_sync(request: Any) -> Any:
+        try:
+            return get_response(request)
+        finally:
+            session = getattr(request, "session", None)
+            if isinstance(session, SessionStore):
+                session.release_lock()
+
+    return release_after_sync
 
 
 def get_async_store() -> AsyncSessionStore:
@@ -164,6 +208,7 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
         super().__init__(session_key)
         self._snapshot: Snapshot | None = None  # as loaded, for the conditional save
         self._issued: str | None = None  # a key this object made and nobody else has
+        self._held: tuple[str, bytes] | None = None  # the lock taken ("lock"): key, token
 
     @property
     def store(self) -> MemsessStore:
@@ -176,6 +221,19 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
 
     async def _arun(self, flow: _Flow[T]) -> T:
         return await _adrive(flow, get_async_store())
+
+    def release_lock(self) -> None:
+        """Give back the session's lock if this request took one (SessionLockMiddleware
+        calls this at the end of every request)."""
+        held, self._held = self._held, None
+        if held is not None:
+            _lock(self.store, *held, held=True).release()
+
+    async def arelease_lock(self) -> None:
+        """:meth:`release_lock`, on the async store."""
+        held, self._held = self._held, None
+        if held is not None:
+            await _lock(get_async_store(), *held, held=True).release()
 
     # -- the backend's methods, sync and async ----------------------------------------
 
@@ -239,6 +297,10 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
         key = self.session_key
         snapshot = None
         if key is not None:
+            if self._held is None and is_valid_id(key) and conflict_setting() == "lock":
+                token = secrets.token_hex(16).encode("ascii")
+                yield lambda store: _lock(store, key, token).acquire()  # awaited when async
+                self._held = (key, token)
             snapshot = yield lambda store: store.fetch(key)
         self._snapshot = snapshot
         if snapshot is None:
@@ -287,6 +349,8 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
             return None
         ttl = lifetime_seconds(age, name="session expiry age")  # 0.5 s: 1, never 0 (forever)
         policy = conflict_setting()
+        if policy == "lock":  # the lock serializes; the save still merges, should it be lost
+            policy = "merge"
         try:
             yield lambda store: store.save(
                 key, data, ttl=ttl, snapshot=snapshot, on_conflict=policy
@@ -314,6 +378,14 @@ class SessionStore(SessionBase):  # type: ignore[misc]  # SessionBase is untyped
             self._snapshot = None
         self._session_cache = data
         self.modified = True
+
+
+def _lock(store: Any, key: str, token: bytes, *, held: bool = False) -> Any:
+    """``store``'s lock of session ``key`` as owner ``token`` (either store's: a lock
+    taken by one can be given back by the other)."""
+    lock = store.lock(key)
+    lock.token, lock.held = token, held
+    return lock
 
 
 def _drive(flow: _Flow[T], store: MemsessStore) -> T:

@@ -593,3 +593,113 @@ def test_a_logout_during_another_request_wins(
         ["out", "late"],
     )
     assert store.load(sid) is None
+
+
+# -- Django's "lock" policy, through its test client --------------------------------------
+
+DJANGO_GATE = Gate()
+
+
+def django_hold(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    assert request.session["user"] == "ann"  # loaded: the lock is held
+    DJANGO_GATE.hold()
+    request.session["cart"] = [*request.session["cart"], 2]
+    return HttpResponse("ok")
+
+
+def django_theme(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    assert request.session["user"] == "ann"
+    request.session["theme"] = "dark"
+    return HttpResponse("ok")
+
+
+def django_boom(request: Any) -> Any:
+    assert request.session["user"] == "ann"
+    raise RuntimeError("a bug in the view")
+
+
+def django_urlpatterns() -> list[Any]:
+    from django.urls import path
+
+    return [
+        path("hold", django_hold),
+        path("theme", django_theme),
+        path("boom", django_boom),
+    ]
+
+
+@pytest.fixture
+def locking_django(cluster: LocalCluster) -> Iterator[None]:
+    from django.test import override_settings
+
+    dsn = cluster.dsn(timeout=TIMEOUT, retry_interval=RETRY_INTERVAL)
+    global urlpatterns
+    urlpatterns = django_urlpatterns()
+    with override_settings(
+        SESSION_MEMSESS={"SAVE_PATH": dsn, "REDUNDANCY": 2, "ON_CONFLICT": "lock"},
+        MIDDLEWARE=[
+            "memsess.adapters.django.SessionLockMiddleware",
+            "django.contrib.sessions.middleware.SessionMiddleware",
+        ],
+        ROOT_URLCONF=__name__,
+    ):
+        yield
+
+
+urlpatterns: list[Any] = []
+
+
+def test_django_lock_policy_runs_the_requests_one_at_a_time(
+    cluster: LocalCluster, fault: str | None, locking_django: None
+) -> None:
+    from django.conf import settings
+    from django.test import Client
+
+    from memsess.adapters.django import get_store
+
+    sid = begin(cluster, get_store(), fault)
+    global DJANGO_GATE
+    DJANGO_GATE = gate = Gate()
+
+    def get(path: str) -> None:
+        client = Client(raise_request_exception=True)
+        client.cookies[settings.SESSION_COOKIE_NAME] = sid
+        assert client.get(path).status_code == 200
+
+    assert serialized(lambda: get("/hold"), lambda: get("/theme"), gate)
+    assert get_store().load(sid) == {"user": "ann", "cart": [1, 2], "theme": "dark"}
+    with get_store().lock(sid, wait=0.5):  # given back after each request
+        pass
+
+
+def test_django_view_that_raises_gives_the_lock_back(
+    cluster: LocalCluster, fault: str | None, locking_django: None
+) -> None:
+    from django.conf import settings
+    from django.test import Client
+
+    from memsess.adapters.django import get_store
+
+    sid = begin(cluster, get_store(), fault)
+    client = Client(raise_request_exception=True)
+    client.cookies[settings.SESSION_COOKIE_NAME] = sid
+    with pytest.raises(RuntimeError, match="a bug"):
+        client.get("/boom")
+    with get_store().lock(sid, wait=0.5):  # free at once, not after its lease
+        pass
+
+
+def test_django_lock_policy_needs_its_middleware(cluster: LocalCluster) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test import override_settings
+
+    from memsess.adapters.django import conflict_setting
+
+    dsn = cluster.dsn()
+    with override_settings(SESSION_MEMSESS={"SAVE_PATH": dsn, "ON_CONFLICT": "lock"}):
+        with pytest.raises(ImproperlyConfigured, match="SessionLockMiddleware"):
+            conflict_setting()
