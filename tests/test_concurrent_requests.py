@@ -629,6 +629,7 @@ def django_urlpatterns() -> list[Any]:
         path("hold", django_hold),
         path("theme", django_theme),
         path("boom", django_boom),
+        path("race", django_race),
     ]
 
 
@@ -650,7 +651,7 @@ def locking_django(cluster: LocalCluster) -> Iterator[None]:
         yield
 
 
-urlpatterns: list[Any] = []
+urlpatterns: list[Any] = []  # filled below, once the views exist
 
 
 def test_django_lock_policy_runs_the_requests_one_at_a_time(
@@ -703,3 +704,154 @@ def test_django_lock_policy_needs_its_middleware(cluster: LocalCluster) -> None:
     with override_settings(SESSION_MEMSESS={"SAVE_PATH": dsn, "ON_CONFLICT": "lock"}):
         with pytest.raises(ImproperlyConfigured, match="SessionLockMiddleware"):
             conflict_setting()
+
+
+# -- eight requests, the same key, a logout: through WSGI, Flask and Django (threads) ------
+
+
+class Race:
+    """Requests that each load the session, then wait for their turn to change it."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.go = {name: threading.Event() for name in names}
+        self.arrived = threading.Semaphore(0)
+
+    def loaded(self, name: str) -> None:
+        self.arrived.release()
+        assert self.go[name].wait(10)
+
+    def run(self, send: Callable[[dict[str, str]], None], requests: list[dict[str, str]]) -> None:
+        """Send every request at once; when all have loaded, let them finish one by one
+        in the order given."""
+        threads = {
+            request["name"]: threading.Thread(target=send, args=(request,)) for request in requests
+        }
+        for thread in threads.values():
+            thread.start()
+        for _ in requests:
+            assert self.arrived.acquire(timeout=10)
+        for name, thread in threads.items():
+            self.go[name].set()
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+RACE: Race = Race([])
+
+
+def apply_change(session: Any, query: dict[str, str]) -> None:
+    if query.get("logout"):
+        # Django's logout() flushes; the other adapters' sessions log out when emptied.
+        session.flush() if hasattr(session, "flush") else session.clear()
+    else:
+        session[query["key"]] = query["name"]
+
+
+def race_wsgi_app(store: SessionStore) -> Any:
+    from urllib.parse import parse_qsl
+
+    from memsess.adapters.wsgi import SessionMiddleware
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        session = environ["memsess.session"]
+        query = dict(parse_qsl(environ["QUERY_STRING"]))
+        assert session["user"] == "ann"
+        RACE.loaded(query["name"])
+        apply_change(session, query)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    return SessionMiddleware(app, store)
+
+
+def race_flask_app(store: SessionStore) -> Any:
+    from flask import Flask, request, session
+
+    from memsess.adapters.flask import init_app
+
+    app = Flask(__name__)
+    init_app(app, store)
+
+    @app.get("/race")
+    def race() -> str:
+        assert session["user"] == "ann"
+        RACE.loaded(request.args["name"])
+        apply_change(session, dict(request.args))
+        return "ok"
+
+    return app
+
+
+def django_race(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    assert request.session["user"] == "ann"
+    RACE.loaded(request.GET["name"])
+    apply_change(request.session, dict(request.GET.items()))
+    return HttpResponse("ok")
+
+
+def send_wsgi(app: Any, sid: str, statuses: dict[str, str]) -> Callable[[dict[str, str]], None]:
+    from urllib.parse import urlencode
+
+    def send(query: dict[str, str]) -> None:
+        environ: dict[str, Any] = {}
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"], environ["QUERY_STRING"] = "/race", urlencode(query)
+        environ["HTTP_COOKIE"] = f"{NAME}={sid}"
+        status: list[str] = []
+        b"".join(app(environ, lambda line, headers, exc_info=None: status.append(line)))
+        statuses[query["name"]] = status[0]
+
+    return send
+
+
+SCENARIOS = {
+    "eight-keys": (
+        [{"name": f"r{n}", "key": f"key-{n}"} for n in range(8)],
+        {**START, **{f"key-{n}": f"r{n}" for n in range(8)}},
+    ),
+    "same-key": ([{"name": "a", "key": "x"}, {"name": "b", "key": "x"}], {**START, "x": "b"}),
+    "logout": ([{"name": "out", "logout": "1"}, {"name": "late", "key": "x"}], None),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("adapter", ["wsgi", "flask", "django"])
+def test_requests_at_once_through_the_wsgi_adapters(
+    cluster: LocalCluster, fault: str | None, store: SessionStore, adapter: str, scenario: str
+) -> None:
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.test import override_settings
+
+    global RACE
+    requests, expected = SCENARIOS[scenario]
+    RACE = Race([request["name"] for request in requests])
+    dsn = cluster.dsn(timeout=TIMEOUT, retry_interval=RETRY_INTERVAL)
+    with override_settings(
+        SESSION_MEMSESS={"SAVE_PATH": dsn, "REDUNDANCY": 2},
+        SESSION_COOKIE_NAME=NAME,
+        ROOT_URLCONF=__name__,
+        ALLOWED_HOSTS=["*"],
+    ):
+        from memsess.adapters.django import get_store
+
+        target = get_store() if adapter == "django" else store
+        sid = begin(cluster, target, fault)
+        app = {
+            "wsgi": lambda: race_wsgi_app(target),
+            "flask": lambda: race_flask_app(target),
+            "django": WSGIHandler,
+        }[adapter]()
+        statuses: dict[str, str] = {}
+        RACE.run(send_wsgi(app, sid, statuses), requests)
+        assert target.load(sid) == expected
+    if adapter == "django" and scenario == "logout":
+        # Django answers a save that met a logout 400 (SessionInterrupted), as with its
+        # own backends; the others drop the changes quietly.
+        assert statuses == {"out": "200 OK", "late": "400 Bad Request"}
+    else:
+        assert set(statuses.values()) == {"200 OK"}
+
+
+urlpatterns = django_urlpatterns()
