@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import time
 from contextvars import ContextVar
@@ -22,11 +23,13 @@ from litestar.stores.base import NamespacedStore, Store
 from litestar.types import Empty, Message, ScopeSession
 
 from memsess.aio import AsyncSessionStore
-from memsess.errors import SerializationError, SessionGoneError
+from memsess.errors import SerializationError, SessionConflictError, SessionGoneError
 from memsess.records import lifetime_seconds, new_id
-from memsess.store import Snapshot
+from memsess.store import Changes, Snapshot
 
 __all__ = ["MemsessSessionBackend", "MemsessSessionConfig", "MemsessStore"]
+
+_MERGE_ROUNDS: Final = 16  # merges of one set against other requests that keep winning
 
 log = logging.getLogger("memsess.adapters")
 
@@ -115,14 +118,32 @@ class MemsessStore(NamespacedStore):
         sid = self.memsess_id(key)
         data = {"value": value, "expires": None if seconds is None else time.time() + seconds}
         try:
-            # Litestar's session is one value: two requests' sets cannot be merged by
-            # key, so the later one wins, as with Litestar's own stores.
-            snapshot = self._forget(sid)
-            await self.store.save(
-                sid, data, ttl=seconds, snapshot=snapshot, on_conflict="overwrite"
-            )
+            await self._save(sid, data, seconds, self._forget(sid))
         except SessionGoneError:
             log.info("store key deleted elsewhere (a logout?) during this request; set dropped")
+
+    async def _save(
+        self, sid: str, data: dict[str, Any], seconds: int | None, snapshot: Snapshot | None
+    ) -> None:
+        """Save conditionally on ``snapshot``. When another request set the key since
+        (two requests of one user at once) and both values are JSON objects (a Litestar
+        session is one), merge by key: this request's changes, against what it loaded,
+        on top of the other's; any other value: the later set wins."""
+        for _ in range(_MERGE_ROUNDS):
+            try:
+                await self.store.save(sid, data, ttl=seconds, snapshot=snapshot)
+                return
+            except SessionConflictError as conflict:
+                current = conflict.current
+                assert isinstance(current, Snapshot)
+                merged = _merged(_value(snapshot), data["value"], _value(current))
+                if merged is None:
+                    await self.store.save(
+                        sid, data, ttl=seconds, snapshot=current, on_conflict="overwrite"
+                    )
+                    return
+                data, snapshot = {**data, "value": merged}, current
+        raise SessionConflictError("the key kept being set elsewhere; not set", snapshot)
 
     async def get(self, key: str, renew_for: int | timedelta | None = None) -> bytes | None:
         """The value of ``key``, or None; with ``renew_for`` (seconds), a value set
@@ -185,6 +206,20 @@ class MemsessStore(NamespacedStore):
                 _loaded.set(remembered[:index] + remembered[index + 1 :])
                 return snapshot
         return None
+
+
+def _merged(loaded: bytes | None, mine: bytes, theirs: bytes | None) -> bytes | None:
+    """``mine``'s changes against ``loaded``, on top of ``theirs``, when all three are
+    JSON objects; else None."""
+    try:
+        documents = [json.loads(value) for value in (loaded or b"{}", mine, theirs or b"{}")]
+    except ValueError:
+        return None
+    if not all(isinstance(document, dict) for document in documents):
+        return None
+    before, after, current = documents
+    merged, _ = Changes.between(before, after).applied_to(current)
+    return json.dumps(merged, separators=(",", ":")).encode("utf-8")
 
 
 def _value(snapshot: Snapshot | None) -> bytes | None:

@@ -6,6 +6,7 @@ default, both keep their changes (a merge by key); the policies "error" and
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -855,3 +856,61 @@ def test_requests_at_once_through_the_wsgi_adapters(
 
 
 urlpatterns = django_urlpatterns()
+
+
+# -- Litestar: its session is one JSON value, merged by key on a conflict -----------------
+
+
+def test_litestar(cluster: LocalCluster, fault: str | None, store: SessionStore) -> None:
+    from litestar import Litestar, Request, get
+
+    from memsess.adapters.litestar import MemsessSessionConfig, MemsessStore
+
+    async def main() -> dict[str, Any]:
+        loaded, go = asyncio.Event(), asyncio.Event()
+
+        @get("/login")
+        async def login(request: Request[Any, Any, Any]) -> str:
+            request.set_session({"user": "ann", "cart": [1]})
+            return "ok"
+
+        @get("/change")
+        async def change(request: Request[Any, Any, Any]) -> str:
+            assert request.session["user"] == "ann"
+            do = request.query_params["do"]
+            if "wait" in request.query_params:
+                loaded.set()
+                await go.wait()
+            if do == "cart":
+                request.set_session({**request.session, "cart": [1, 2]})
+            else:
+                request.set_session({**request.session, "theme": "dark"})
+            return "ok"
+
+        astore = AsyncSessionStore.from_store(store)
+        memsess_store = MemsessStore(astore)
+        app = Litestar(
+            route_handlers=[login, change],
+            middleware=[MemsessSessionConfig().middleware],
+            stores={"sessions": memsess_store},
+            logging_config=None,
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            assert (await client.get("/login")).status_code == 200
+            sid = client.cookies["session"]
+            if fault == "kill":
+                address = astore.locate(memsess_store.memsess_id(sid))[0]
+                cluster.kill(next(s.index for s in cluster.servers if s.address == address))
+            slow = asyncio.ensure_future(client.get("/change", params={"do": "cart", "wait": 1}))
+            await loaded.wait()
+            assert (await client.get("/change", params={"do": "theme"})).status_code == 200
+            go.set()
+            assert (await slow).status_code == 200
+            snapshot = await astore.fetch(memsess_store.memsess_id(sid))
+        await astore.aclose()
+        assert snapshot is not None
+        return json.loads(snapshot.data["value"])
+
+    assert asyncio.run(main()) == {"user": "ann", "cart": [1, 2], "theme": "dark"}
