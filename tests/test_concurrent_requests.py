@@ -530,6 +530,9 @@ def asgi_race_app(
         await go[name].wait()
         if request.query_params.get("logout"):
             request.session.clear()
+        elif request.query_params.get("login"):
+            request.session.regenerate()
+            request.session["user"] = "ann (logged in)"
         else:
             request.session[request.query_params["key"]] = name
         return PlainTextResponse("ok")
@@ -539,9 +542,10 @@ def asgi_race_app(
 
 def run_race(
     store: SessionStore, sid: str, requests: list[dict[str, str]], order: list[str]
-) -> None:
+) -> dict[str, httpx.Response]:
     """Send ``requests`` at once; once all have loaded the session, let them save one
-    by one in ``order`` (each waited for before the next)."""
+    by one in ``order`` (each waited for before the next); their responses by name."""
+    responses: dict[str, httpx.Response] = {}
 
     async def main() -> None:
         arrived: list[int] = []
@@ -559,10 +563,26 @@ def run_race(
             await all_in.wait()  # every request has loaded the session
             for name in order:
                 go[name].set()
-                assert (await pending[name]).status_code == 200
+                responses[name] = await pending[name]
+                assert responses[name].status_code == 200
         await astore.aclose()
 
     asyncio.run(main())
+    return responses
+
+
+def test_a_request_finishing_after_a_login_through_asgi_changes_nothing(
+    cluster: LocalCluster, fault: str | None, store: SessionStore
+) -> None:
+    sid = begin(cluster, store, fault)
+    responses = run_race(
+        store, sid, [{"name": "in", "login": "1"}, {"name": "late", "key": "x"}], ["in", "late"]
+    )
+    new_sid = responses["in"].cookies[NAME]
+    assert new_sid != sid
+    assert store.load(new_sid) == {**START, "user": "ann (logged in)"}
+    assert store.load(sid) is None  # the old id stays logged out: the late change dropped
+    assert "set-cookie" not in responses["late"].headers  # and the new cookie left alone
 
 
 def test_eight_requests_at_once_changing_different_keys_keep_every_change(
@@ -744,6 +764,10 @@ def apply_change(session: Any, query: dict[str, str]) -> None:
     if query.get("logout"):
         # Django's logout() flushes; the other adapters' sessions log out when emptied.
         session.flush() if hasattr(session, "flush") else session.clear()
+    elif query.get("login"):
+        # A login: a new id (Django's login() cycles the key), then the user changes.
+        session.cycle_key() if hasattr(session, "cycle_key") else session.regenerate()
+        session["user"] = "ann (logged in)"
     else:
         session[query["key"]] = query["name"]
 
@@ -792,7 +816,10 @@ def django_race(request: Any) -> Any:
     return HttpResponse("ok")
 
 
-def send_wsgi(app: Any, sid: str, statuses: dict[str, str]) -> Callable[[dict[str, str]], None]:
+def send_wsgi(
+    app: Any, sid: str, statuses: dict[str, str], cookies: dict[str, list[str]]
+) -> Callable[[dict[str, str]], None]:
+    """Send a request to the WSGI ``app``; note its status and its session cookies."""
     from urllib.parse import urlencode
 
     def send(query: dict[str, str]) -> None:
@@ -800,9 +827,14 @@ def send_wsgi(app: Any, sid: str, statuses: dict[str, str]) -> Callable[[dict[st
         setup_testing_defaults(environ)
         environ["PATH_INFO"], environ["QUERY_STRING"] = "/race", urlencode(query)
         environ["HTTP_COOKIE"] = f"{NAME}={sid}"
-        status: list[str] = []
-        b"".join(app(environ, lambda line, headers, exc_info=None: status.append(line)))
-        statuses[query["name"]] = status[0]
+        started: list[Any] = []
+        b"".join(app(environ, lambda line, headers, exc_info=None: started.extend([line, headers])))
+        statuses[query["name"]] = started[0]
+        cookies[query["name"]] = [
+            value.strip().split(";")[0].split("=", 1)[1]
+            for name, value in started[1]
+            if name.lower() == "set-cookie" and value.strip().startswith(f"{NAME}=")
+        ]
 
     return send
 
@@ -814,6 +846,8 @@ SCENARIOS = {
     ),
     "same-key": ([{"name": "a", "key": "x"}, {"name": "b", "key": "x"}], {**START, "x": "b"}),
     "logout": ([{"name": "out", "logout": "1"}, {"name": "late", "key": "x"}], None),
+    # The old id stays logged out after a login; the new one holds the login's data.
+    "login": ([{"name": "in", "login": "1"}, {"name": "late", "key": "x"}], None),
 }
 
 
@@ -845,14 +879,22 @@ def test_requests_at_once_through_the_wsgi_adapters(
             "django": WSGIHandler,
         }[adapter]()
         statuses: dict[str, str] = {}
-        RACE.run(send_wsgi(app, sid, statuses), requests)
+        cookies: dict[str, list[str]] = {}
+        RACE.run(send_wsgi(app, sid, statuses, cookies), requests)
         assert target.load(sid) == expected
-    if adapter == "django" and scenario == "logout":
+        if scenario == "login":
+            (new_sid,) = cookies["in"]
+            assert new_sid != sid
+            assert target.load(new_sid) == {**START, "user": "ann (logged in)"}
+    if adapter == "django" and scenario in ("logout", "login"):
         # Django answers a save that met a logout 400 (SessionInterrupted), as with its
-        # own backends; the others drop the changes quietly.
-        assert statuses == {"out": "200 OK", "late": "400 Bad Request"}
+        # own backends; the others drop the changes quietly, leaving the cookie alone.
+        assert statuses["late"] == "400 Bad Request"
+        assert set(statuses.values()) == {"200 OK", "400 Bad Request"}
     else:
         assert set(statuses.values()) == {"200 OK"}
+        if scenario in ("logout", "login"):
+            assert cookies["late"] == []
 
 
 urlpatterns = django_urlpatterns()

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import pytest
 from blocking_async import DRIVERS, store_for
-from conftest import StoreFactory, all_keys, key_of, server_indexes
+from conftest import StoreFactory, all_keys, cpu_burners, key_of, server_indexes
 from markupsafe import Markup
 
 from memsess import (
@@ -318,10 +318,16 @@ def test_an_unknown_conflict_policy_is_refused_before_anything_is_sent(
         store.save(store.new_id(), {"a": 1}, on_conflict="lock")
 
 
+@pytest.mark.parametrize("burners", [0, 3], ids=["quiet", "three-cpu-burners"])
 @pytest.mark.parametrize("fault", [None, "kill"])
 def test_eight_concurrent_merges_on_one_session_keep_every_change(
-    cluster: LocalCluster, store: SessionStore, fault: str | None
+    cluster: LocalCluster, store: SessionStore, fault: str | None, burners: int
 ) -> None:
+    with cpu_burners(burners):
+        _eight_concurrent_merges(cluster, store, fault)
+
+
+def _eight_concurrent_merges(cluster: LocalCluster, store: SessionStore, fault: str | None) -> None:
     sid = store.new_id()
     store.save(sid, {"base": 0})
     if fault:
