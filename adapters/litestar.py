@@ -4,10 +4,12 @@ any other user of a store); :class:`MemsessSessionConfig` adds memsess's strict 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import logging
+import random
 import time
 from contextvars import ContextVar
 from datetime import timedelta
@@ -129,7 +131,9 @@ class MemsessStore(NamespacedStore):
         (two requests of one user at once) and both values are JSON objects (a Litestar
         session is one), merge by key: this request's changes, against what it loaded,
         on top of the other's; any other value: the later set wins."""
-        for _ in range(_MERGE_ROUNDS):
+        for round_ in range(_MERGE_ROUNDS):
+            if round_:  # as the store's own merges: writers that met spread out
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**round_)))
             try:
                 await self.store.save(sid, data, ttl=seconds, snapshot=snapshot)
                 return
