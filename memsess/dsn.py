@@ -1,6 +1,7 @@
 """Parse PHP memcache's ``session.save_path`` into frozen :class:`ServerSpec` values.
 
-Pure functions, no I/O: :func:`parse_dsn` and its inverse :func:`format_dsn`.
+Pure functions, no I/O: :func:`parse_dsn` and its inverse :func:`format_dsn`. A save_path
+may hold passwords (``tls://user:password@host``): no error message or repr shows one.
 """
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final, Literal, TypeVar
+from urllib.parse import quote, unquote
 
 from memsess.errors import DSNError
 
@@ -29,7 +31,7 @@ __all__ = [
     "parse_dsn",
 ]
 
-Scheme = Literal["tcp", "udp", "unix"]
+Scheme = Literal["tcp", "udp", "unix", "tls"]
 
 # PHP's defaults: memcache.default_port, MMC_DEFAULT_TIMEOUT (1 s) and
 # MMC_DEFAULT_RETRY (15 s) in the memcache extension.
@@ -51,6 +53,9 @@ MAX_RETRY_INTERVAL: Final = 86400.0
 # is 253 characters written out. socket.getaddrinfo() raises UnicodeError past them.
 _MAX_LABEL: Final = 63
 _MAX_NAME: Final = 253
+# memcached's authfile.c reads each user:password line with fgets(line, 256, ...): a longer
+# pair is cut, so no auth file can hold it and the server could never accept it.
+_MAX_CREDENTIALS: Final = 254
 
 _T = TypeVar("_T")
 
@@ -69,7 +74,25 @@ _BOOLEANS: Final = {
     **dict.fromkeys(("1", "true", "yes", "on"), True),
     **dict.fromkeys(("0", "false", "no", "off"), False),
 }
-_PARAMETERS: Final = ("persistent", "weight", "timeout", "retry_interval", "udp_port")
+_TLS_PARAMETERS: Final = ("tls_ca", "tls_cert", "tls_key", "tls_server_name", "tls_verify")
+_PHP_PARAMETERS: Final = ("persistent", "weight", "timeout", "retry_interval", "udp_port")
+_PARAMETERS: Final = (*_PHP_PARAMETERS, *_TLS_PARAMETERS)
+_SCHEMES: Final[dict[str, Scheme]] = {"tcp": "tcp", "udp": "udp", "tls": "tls"}
+# memcached's ASCII authentication sends "user password" as one line, split at the space,
+# and its auth file holds user:password lines split at the first ':'.
+_USERNAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # printable ASCII but ':'
+_PASSWORD: Final = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space
+_SCHEME_PREFIX: Final = re.compile(r"(?:tcp|udp|tls)://", re.ASCII | re.IGNORECASE)
+_BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_NO_DTLS: Final = (
+    "memcached has no DTLS: UDP reads would go unencrypted; drop udp_port, "
+    "or use tcp:// for a trusted network"
+)
+_NO_UDP_AUTH: Final = (
+    "memcached's ASCII authentication is per TCP connection; UDP reads cannot authenticate"
+)
+_STORE_CREDENTIALS: Final = "pass the store's username= and password= options instead"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +105,15 @@ class ServerSpec:
     skipped before it is probed again, default 15 s) are in seconds.
     ``udp_port`` is where session reads go over UDP: the port of a ``udp://``
     server, ``?udp_port=`` of a ``tcp://`` one, else None.
+
+    ``username`` and ``password`` (both or neither) are memcached's ASCII
+    authentication (``-Y``), sent first on every TCP, TLS or unix socket connection;
+    the password is left out of the repr. ``tls_*`` apply to ``tls://`` servers only:
+    ``tls_ca`` is a CA bundle (default None: the system's trust store), ``tls_cert``
+    and ``tls_key`` a client certificate and its key (the key may sit in the
+    certificate file), ``tls_server_name`` the name the certificate must carry, also
+    sent as SNI (default None: ``host``), and ``tls_verify=False`` turns the
+    certificate and name checks off. Paths are not checked here: no I/O.
     """
 
     scheme: Scheme
@@ -92,10 +124,19 @@ class ServerSpec:
     retry_interval: float = DEFAULT_RETRY_INTERVAL
     persistent: bool = DEFAULT_PERSISTENT
     udp_port: int | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    tls_verify: bool = True
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("tcp", "udp", "unix"):
-            raise DSNError(f"unknown scheme {self.scheme!r}; expected 'tcp', 'udp' or 'unix'")
+        if self.scheme not in ("tcp", "udp", "unix", "tls"):
+            raise DSNError(
+                f"unknown scheme {self.scheme!r}; expected 'tcp', 'udp', 'unix' or 'tls'"
+            )
         _check_host(self.scheme, self.host)
         _check_ports(self.scheme, self.port, self.udp_port)
         if self.scheme == "udp" and self.udp_port is None:
@@ -118,6 +159,13 @@ class ServerSpec:
             )
         if not isinstance(self.persistent, bool):
             raise DSNError(f"persistent must be True or False, got {self.persistent!r}")
+        _check_credentials(self.udp_port, self.username, self.password)
+        _check_tls_options(self)
+
+    @property
+    def tls(self) -> bool:
+        """Whether connections to this server speak TLS (a ``tls://`` server)."""
+        return self.scheme == "tls"
 
     @property
     def name(self) -> str:
@@ -203,6 +251,71 @@ def _check_ports(scheme: str, port: int, udp_port: int | None) -> None:
         raise DSNError(f"udp_port must be an integer 1..{MAX_PORT} or 0 for none, got {udp_port!r}")
     if scheme == "udp" and udp_port != port:
         raise DSNError(f"udp_port {udp_port!r} differs from the udp:// port {port!r}")
+    if scheme == "tls":
+        raise DSNError(_NO_DTLS)
+
+
+def _check_credentials(udp_port: int | None, username: str | None, password: str | None) -> None:
+    # Neither value is ever quoted: a password typed into the wrong place would show.
+    if username is None and password is None:
+        return
+    if username is None or password is None:
+        raise DSNError("username and password go together: give both or neither")
+    if udp_port is not None:  # also every udp:// server
+        raise DSNError(_NO_UDP_AUTH)
+    if not isinstance(username, str) or not _USERNAME.fullmatch(username):
+        raise DSNError(
+            "username must be non-empty printable ASCII without whitespace or ':' "
+            "(memcached's auth file holds user:password lines)"
+        )
+    if not isinstance(password, str) or not _PASSWORD.fullmatch(password):
+        raise DSNError(
+            "password must be non-empty printable ASCII without whitespace "
+            "(memcached's ASCII authentication sends 'user password' as one line)"
+        )
+    if len(username) + 1 + len(password) > _MAX_CREDENTIALS:
+        raise DSNError(
+            f"username:password is longer than {_MAX_CREDENTIALS} characters, "
+            "more than a line of memcached's auth file holds"
+        )
+
+
+def _check_tls_options(server: ServerSpec) -> None:
+    paths = {"tls_ca": server.tls_ca, "tls_cert": server.tls_cert, "tls_key": server.tls_key}
+    for name, path in paths.items():
+        if path is not None:
+            _check_path(name, path)
+    if server.tls_server_name is not None:
+        _check_server_name(server.tls_server_name)
+    if not isinstance(server.tls_verify, bool):
+        raise DSNError(f"tls_verify must be True or False, got {server.tls_verify!r}")
+    if server.scheme != "tls":
+        given = {**paths, "tls_server_name": server.tls_server_name}
+        named = [name for name, value in given.items() if value is not None]
+        named += [] if server.tls_verify else ["tls_verify"]
+        if named:
+            raise DSNError(f"{named[0]} applies to tls:// servers only")
+    if server.tls_key is not None and server.tls_cert is None:
+        raise DSNError(
+            "tls_key is the private key of a client certificate: give tls_cert too "
+            "(or leave tls_key out when the key is in the tls_cert file)"
+        )
+
+
+def _check_path(name: str, path: str) -> None:
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise DSNError(f"{name} must be a file path (a non-empty str without NUL), got {path!r}")
+    if _SURROGATE.search(path):  # os.fsdecode() of a non-UTF-8 name: no UTF-8 spelling
+        raise DSNError(f"{name} {path!r} is not UTF-8 text, which a save_path cannot carry")
+
+
+def _check_server_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise DSNError(f"tls_server_name must be a DNS name or an IP address, got {name!r}")
+    try:
+        _check_host("tcp", name)
+    except DSNError as exc:
+        raise DSNError(f"tls_server_name: {exc}") from None
 
 
 def parse_dsn(save_path: str) -> tuple[ServerSpec, ...]:
@@ -210,11 +323,16 @@ def parse_dsn(save_path: str) -> tuple[ServerSpec, ...]:
 
     Entries are separated by commas and/or whitespace, e.g.
     ``"tcp://10.0.0.1:11211?weight=2&timeout=0.5, unix:///run/memcached.sock"``.
-    Raises :class:`~memsess.errors.DSNError` naming the offending entry and part.
+    ``tcp://`` and ``tls://`` entries may carry ``user:password@`` and ``tls://`` ones
+    ``tls_ca``, ``tls_cert``, ``tls_key``, ``tls_server_name`` and ``tls_verify``;
+    those and the credentials are percent-decoded (``%2C`` for ',', ``%40`` for '@').
+    Raises :class:`~memsess.errors.DSNError` naming the offending entry and part,
+    with any password in it written ``***``.
     """
     entries = [entry for entry in _SEPARATORS.split(save_path) if entry]
     if not entries:
         raise DSNError(f"save_path {save_path!r} lists no servers")
+    _check_credentials_placement(entries)
     servers = tuple(_parse_server(entry) for entry in entries)
     _check_distinct(servers, entries)
     return servers
@@ -222,7 +340,8 @@ def parse_dsn(save_path: str) -> tuple[ServerSpec, ...]:
 
 def format_dsn(servers: Iterable[ServerSpec]) -> str:
     """Write servers as a save_path that :func:`parse_dsn` reads back unchanged;
-    parameters at their defaults are left out."""
+    parameters at their defaults are left out. The result holds the servers'
+    passwords: keep it as secret as they are."""
     servers = tuple(servers)
     entries = [_format_server(server) for server in servers]
     if not entries:
@@ -239,8 +358,8 @@ def _check_distinct(servers: tuple[ServerSpec, ...], entries: list[str]) -> None
         key = _identity(server)
         if key in seen:
             raise DSNError(
-                f"servers {seen[key]!r} and {entry!r} are the same server {server.name}; "
-                "list each server once"
+                f"servers {_redact(seen[key])!r} and {_redact(entry)!r} are the same server "
+                f"{server.name}; list each server once"
             )
         seen[key] = entry
 
@@ -256,16 +375,51 @@ def _identity(server: ServerSpec) -> tuple[str, int]:
     return host, server.port
 
 
+def _check_credentials_placement(entries: list[str]) -> None:
+    """Refuse credentials outside a tcp://, udp:// or tls:// entry, before any entry is parsed.
+
+    A ',' or space typed raw in a password splits its entry in two, "tcp://u:pa" and
+    "ss@host"; parsing the first would report "port 'pa'", a piece of the password.
+    (Only a password holding a separator followed by "tcp://" or "unix:/" slips through.)
+    """
+    for number, entry in enumerate(entries, 1):
+        path = _unix_path(entry)
+        if path is not None:
+            if "@" in path and not path.startswith("/"):
+                # Neither entry is quoted: after a split, all of it may be a piece of a password.
+                raise DSNError(
+                    f"server entry {number}: unix:// takes no user:password@; {_STORE_CREDENTIALS}"
+                )
+        elif "@" in entry and not _SCHEME_PREFIX.match(entry):
+            raise DSNError(
+                f"server entry {number} has '@' but no tcp:// or tls://; write credentials as "
+                "tls://user:password@host:port, with ',' and whitespace in them "
+                "percent-encoded (%2C, %20): typed raw, they split the entry in two"
+            )
+
+
+def _redact(entry: str) -> str:
+    """``entry`` with any password in it written ``***``: everything from the first ':'
+    after the user name up to the last '@', however the password is spelled."""
+    if _unix_path(entry) is not None:
+        return entry  # an '@' in a socket path (_check_credentials_placement refused the rest)
+    scheme = _SCHEME_PREFIX.match(entry)
+    if scheme is None:  # _check_credentials_placement refused these when they hold an '@'
+        return "***" if "@" in entry else entry
+    userinfo, has_at, after = entry[scheme.end() :].rpartition("@")
+    user, has_password, _ = userinfo.partition(":")
+    return f"{scheme.group()}{user}:***@{after}" if has_at and has_password else entry
+
+
 def _parse_server(entry: str) -> ServerSpec:
     location, has_query, query = entry.partition("?")
     try:
+        if "@" in query:  # also where a '?' typed raw in a password would put its tail
+            raise DSNError("'@' in the parameters; write it %40 (and '?' in a password %3F)")
         params = _parse_query(query) if has_query else {}
-        scheme, host, port = _parse_location(location)
-        if "udp_port" in params and scheme != "tcp":
-            raise DSNError(
-                f"udp_port does not apply to {scheme}:// servers; "
-                "write tcp://host:port?udp_port=N or udp://host:port"
-            )
+        scheme, host, port, credentials = _parse_location(location)
+        _check_parameters_apply(scheme, params)
+        username, password = credentials or (None, None)
         return ServerSpec(
             scheme,
             host,
@@ -275,9 +429,27 @@ def _parse_server(entry: str) -> ServerSpec:
             retry_interval=_param(params, "retry_interval", _parse_seconds, DEFAULT_RETRY_INTERVAL),
             persistent=_param(params, "persistent", _parse_boolean, DEFAULT_PERSISTENT),
             udp_port=_param(params, "udp_port", _parse_udp_port, None),
+            username=username,
+            password=password,
+            tls_ca=_param(params, "tls_ca", _percent_decode, None),
+            tls_cert=_param(params, "tls_cert", _percent_decode, None),
+            tls_key=_param(params, "tls_key", _percent_decode, None),
+            tls_server_name=_param(params, "tls_server_name", _percent_decode, None),
+            tls_verify=_param(params, "tls_verify", _parse_encoded_boolean, True),
         )
     except DSNError as exc:
-        raise DSNError(f"server {entry!r}: {exc}") from None
+        raise DSNError(f"server {_redact(entry)!r}: {exc}") from None
+
+
+def _check_parameters_apply(scheme: Scheme, params: dict[str, str]) -> None:
+    if "udp_port" in params and scheme in ("udp", "unix"):
+        raise DSNError(
+            f"udp_port does not apply to {scheme}:// servers; "
+            "write tcp://host:port?udp_port=N or udp://host:port"
+        )
+    for name in _TLS_PARAMETERS:
+        if name in params and scheme != "tls":
+            raise DSNError(f"{name} applies to tls:// servers only")
 
 
 def _parse_query(query: str) -> dict[str, str]:
@@ -302,28 +474,46 @@ def _param(params: dict[str, str], name: str, convert: Callable[[str, str], _T],
     return convert(name, params[name]) if name in params else default
 
 
-def _parse_location(location: str) -> tuple[Scheme, str, int]:
-    """Split ``[scheme://]host[:port]`` or ``unix://path`` into its parts."""
-    # memcache_session.c treats any entry starting with "unix:" as a socket:
-    # unix:///path and unix:/path both name /path.
-    if location[:5].lower() == "unix:":
-        path = location[5:]
-        path = path[2:] if path.startswith("//") else path
+def _parse_location(location: str) -> tuple[Scheme, str, int, tuple[str, str] | None]:
+    """Split ``[scheme://][user:password@]host[:port]`` or ``unix://path`` into its parts."""
+    path = _unix_path(location)
+    if path is not None:
         if not path:
             raise DSNError("unix socket path is empty")
         # PHP chops a trailing ":0" port off the path ("unix:///path:0").
-        return "unix", path.removesuffix(":0"), 0
-    scheme, has_scheme, rest = location.partition("://")
+        return "unix", path.removesuffix(":0"), 0, None
+    scheme_text, has_scheme, rest = location.partition("://")
     if not has_scheme:
         if "/" in location:  # a mistyped "tcp:/host" would otherwise read as a host
             raise DSNError(f"'/' in {location!r}; write tcp://host:port or unix:///path")
-        scheme, rest = "tcp", location
-    scheme = scheme.lower()
-    if scheme == "tcp":
-        return "tcp", *_split_host_port(rest)
-    if scheme == "udp":
-        return "udp", *_split_host_port(rest)
-    raise DSNError(f"unknown scheme {scheme!r}; expected tcp://, udp:// or unix://")
+        scheme_text, rest = "tcp", location
+    scheme = _SCHEMES.get(scheme_text.lower())
+    if scheme is None:
+        raise DSNError(
+            f"unknown scheme {scheme_text.lower()!r}; expected tcp://, tls://, udp:// or unix://"
+        )
+    # The last '@', as in RFC 3986 parsers: one typed raw in a password stays in it.
+    userinfo, has_userinfo, host_port = rest.rpartition("@")
+    host, port = _split_host_port(host_port)
+    if not has_userinfo:
+        return scheme, host, port, None
+    username, has_password, password = userinfo.partition(":")
+    if not has_password:
+        raise DSNError(
+            f"invalid host name {f'{userinfo}@{host}'!r}: a user name before '@' needs a "
+            f"password too, as in {scheme}://user:password@host"
+        )
+    credentials = _percent_decode("username", username), _percent_decode("password", password)
+    return scheme, host, port, credentials
+
+
+def _unix_path(text: str) -> str | None:
+    """The socket path of a unix entry, else None."""
+    # memcache_session.c treats any entry starting with "unix:" as a socket:
+    # unix:///path and unix:/path both name /path.
+    if text[:5].lower() != "unix:":
+        return None
+    return text[7:] if text[5:7] == "//" else text[5:]
 
 
 def _split_host_port(text: str) -> tuple[str, int]:
@@ -371,6 +561,23 @@ def _parse_boolean(name: str, text: str) -> bool:
     return value
 
 
+def _parse_encoded_boolean(name: str, text: str) -> bool:
+    return _parse_boolean(name, _percent_decode(name, text))
+
+
+def _percent_decode(name: str, text: str) -> str:
+    """``text`` with its %XX escapes decoded as UTF-8; never quotes it (it may be a password)."""
+    if _BAD_PERCENT.search(text):
+        raise DSNError(f"{name} has a '%' not followed by two hex digits; write '%' itself as %25")
+    try:
+        decoded: str | None = unquote(text, errors="strict")
+    except UnicodeDecodeError:  # its message would quote the password's bytes
+        decoded = None
+    if decoded is None:
+        raise DSNError(f"{name} is not percent-encoded UTF-8")
+    return decoded
+
+
 def _parse_udp_port(name: str, text: str) -> int | None:
     # udp_port=0 is PHP's default, "no UDP"; its own session test passes it.
     port = _parse_integer(name, text)
@@ -379,7 +586,16 @@ def _parse_udp_port(name: str, text: str) -> int | None:
 
 def _format_server(server: ServerSpec) -> str:
     if server.scheme == "unix":
+        if server.username is not None:
+            raise DSNError(
+                f"server {server.name}: a unix socket's credentials cannot be written "
+                f"into a save_path; {_STORE_CREDENTIALS}"
+            )
         location = f"unix://{server.host}"
+    elif server.username is not None and server.password is not None:
+        # safe="": ':', '@', '/', '?', '#', '%' and ',' all encoded, so the entry reads back.
+        userinfo = f"{quote(server.username, safe='')}:{quote(server.password, safe='')}"
+        location = f"{server.scheme}://{userinfo}@{server.name}"
     else:
         location = f"{server.scheme}://{server.name}"
     params: list[str] = []
@@ -393,7 +609,23 @@ def _format_server(server: ServerSpec) -> str:
         params.append(f"retry_interval={_format_seconds(server.retry_interval)}")
     if server.scheme == "tcp" and server.udp_port is not None:
         params.append(f"udp_port={server.udp_port}")
+    params += _format_tls_parameters(server)
     return f"{location}?{'&'.join(params)}" if params else location
+
+
+def _format_tls_parameters(server: ServerSpec) -> list[str]:
+    values = {
+        "tls_ca": server.tls_ca,
+        "tls_cert": server.tls_cert,
+        "tls_key": server.tls_key,
+        "tls_server_name": server.tls_server_name,
+    }
+    # safe="/": a path keeps its slashes; ',', whitespace, '?', '&', '#', '%', '@', ':'
+    # and '=' are encoded, and anything outside ASCII as UTF-8.
+    params = [
+        f"{name}={quote(value, safe='/')}" for name, value in values.items() if value is not None
+    ]
+    return params if server.tls_verify else [*params, "tls_verify=0"]
 
 
 def _format_seconds(seconds: float) -> str:

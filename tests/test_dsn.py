@@ -4,6 +4,7 @@ and format_dsn writes back what it reads."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -25,6 +26,10 @@ from memsess.errors import DSNError
 
 def tcp(host: str, port: int = DEFAULT_PORT, **options: object) -> ServerSpec:
     return ServerSpec("tcp", host, port, **options)  # type: ignore[arg-type]
+
+
+def tls(host: str, port: int = DEFAULT_PORT, **options: object) -> ServerSpec:
+    return ServerSpec("tls", host, port, **options)  # type: ignore[arg-type]
 
 
 # (save_path, servers PHP's memcache extension would build from it)
@@ -333,6 +338,12 @@ def test_udp_server_built_directly_reads_from_its_port() -> None:
         ("tcp://h?timeout=0.00001", "tcp://h:11211?timeout=0.00001"),
         ("udp://[::1]", "udp://[::1]:11211"),
         ("unix:/run/m.sock:0, h", "unix:///run/m.sock, tcp://h:11211"),
+        (
+            "TLS://u:p%40ss@H:1?tls_verify=off&tls_ca=/a%20b&udp_port=0",
+            "tls://u:p%40ss@H:1?tls_ca=/a%20b&tls_verify=0",
+        ),
+        ("tcp://u:a@b:c@[::1]", "tcp://u:a%40b%3Ac@[::1]:11211"),
+        ("tls://h?tls_server_name=::1", "tls://h:11211?tls_server_name=%3A%3A1"),
     ],
 )
 def test_format_dsn_writes_canonical_save_path(save_path: str, formatted: str) -> None:
@@ -360,6 +371,327 @@ def test_format_dsn_refuses_what_parse_dsn_would_refuse(
         format_dsn(servers)
 
 
+# --- tls:// and user:password@ -------------------------------------------------
+
+SECRET = "hunter2"  # every password below holds it; no message may show any of it
+
+
+def assert_no_password_in(error: BaseException) -> None:
+    """Neither the error nor any exception chained to it (a traceback prints those
+    too) shows a piece of a password."""
+    chained: BaseException | None = error
+    while chained is not None:
+        for piece in ("hunter", "ter2", "pppp"):
+            assert piece not in str(chained)
+        chained = chained.__cause__ or chained.__context__
+
+
+TLS_AND_CREDENTIAL_SAVE_PATHS = [
+    pytest.param("tls://cache.example", (tls("cache.example"),), id="tls-default-port"),
+    pytest.param("TLS://[::1]:11212", (tls("::1", 11212),), id="tls-ipv6-upper-case"),
+    pytest.param(
+        "tls://h?tls_ca=/etc/ssl/memcached%20ca%2C2024.pem",
+        (tls("h", tls_ca="/etc/ssl/memcached ca,2024.pem"),),
+        id="percent-encoded-space-and-comma-in-path",
+    ),
+    pytest.param(
+        "tls://h?tls_ca=/etc/caf%C3%A9/ca.pem&tls_cert=rel/c.pem",
+        (tls("h", tls_ca="/etc/café/ca.pem", tls_cert="rel/c.pem"),),
+        id="utf-8-and-relative-paths",
+    ),
+    pytest.param(
+        "tls://10.0.0.1?tls_cert=/c.pem&tls_key=/k.pem&tls_server_name=cache.internal"
+        "&tls_verify=TRUE&timeout=0.5",
+        (
+            tls(
+                "10.0.0.1",
+                tls_cert="/c.pem",
+                tls_key="/k.pem",
+                tls_server_name="cache.internal",
+                timeout=0.5,
+            ),
+        ),
+        id="client-certificate-and-server-name",
+    ),
+    pytest.param("tls://h?tls_cert=/both.pem", (tls("h", tls_cert="/both.pem"),), id="key-in-cert"),
+    pytest.param(
+        "tls://h?tls_server_name=%3A%3A1, tls://g?tls_server_name=10.0.0.9",
+        (tls("h", tls_server_name="::1"), tls("g", tls_server_name="10.0.0.9")),
+        id="server-name-ip-addresses",
+    ),
+    pytest.param("tls://h?tls_verify=0", (tls("h", tls_verify=False),), id="verify-off"),
+    pytest.param("tls://h?tls_verify=%6Fff", (tls("h", tls_verify=False),), id="verify-encoded"),
+    pytest.param("tls://h?udp_port=0", (tls("h"),), id="udp_port-0-is-no-udp-on-tls-too"),
+    pytest.param(
+        f"tcp://memsess:{SECRET}@10.0.0.1:11211",
+        (tcp("10.0.0.1", username="memsess", password=SECRET),),
+        id="tcp-credentials",
+    ),
+    pytest.param(
+        f"tls://memsess:{SECRET}%40%3A%2C%25%3F@[2001:db8::1]:11212?tls_ca=/ca.pem",
+        (
+            tls(
+                "2001:db8::1",
+                11212,
+                username="memsess",
+                password=f"{SECRET}@:,%?",
+                tls_ca="/ca.pem",
+            ),
+        ),
+        id="tls-credentials-percent-encoded-ipv6",
+    ),
+    pytest.param(
+        f"tcp://u:{SECRET}@b:c@h:1",
+        (tcp("h", 1, username="u", password=f"{SECRET}@b:c"),),
+        id="raw-at-and-colon-stay-in-the-password",
+    ),
+    pytest.param(
+        "tcp://us%65r:p/w#x@h",
+        (tcp("h", username="user", password="p/w#x"),),
+        id="raw-slash-and-hash-in-password",
+    ),
+    pytest.param(
+        f"tcp://a, tls://u:{SECRET}@b, unix:///run/m.sock",
+        (tcp("a"), tls("b", username="u", password=SECRET), ServerSpec("unix", "/run/m.sock", 0)),
+        id="mixed",
+    ),
+    pytest.param(
+        "unix:///run/memcached@1.sock unix:/run/u:p@2.sock",
+        (ServerSpec("unix", "/run/memcached@1.sock", 0), ServerSpec("unix", "/run/u:p@2.sock", 0)),
+        id="at-sign-in-socket-path-is-no-credentials",
+    ),
+]
+
+
+@pytest.mark.parametrize(("save_path", "expected"), TLS_AND_CREDENTIAL_SAVE_PATHS)
+def test_tls_and_credentials_parse(save_path: str, expected: tuple[ServerSpec, ...]) -> None:
+    assert parse_dsn(save_path) == expected
+
+
+@pytest.mark.parametrize(("save_path", "expected"), TLS_AND_CREDENTIAL_SAVE_PATHS)
+def test_format_dsn_round_trips_tls_and_credentials(
+    save_path: str, expected: tuple[ServerSpec, ...]
+) -> None:
+    assert parse_dsn(format_dsn(expected)) == expected
+
+
+def test_tls_defaults() -> None:
+    (server,) = parse_dsn("tls://h")
+    assert server.tls is True
+    assert (server.tls_ca, server.tls_cert, server.tls_key, server.tls_server_name) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert server.tls_verify is True
+    assert (server.username, server.password, server.udp_port) == (None, None, None)
+
+
+@pytest.mark.parametrize("save_path", ["tcp://h", "udp://h", "unix:///m.sock"])
+def test_only_tls_servers_speak_tls(save_path: str) -> None:
+    (server,) = parse_dsn(save_path)
+    assert server.tls is False
+
+
+def test_tls_server_name_and_address_are_those_of_tcp() -> None:
+    (server,) = parse_dsn(f"tls://u:{SECRET}@[::1]:11212")
+    assert server.name == "[::1]:11212"
+    assert server.address == ("::1", 11212)
+
+
+def test_tcp_and_tls_to_one_host_and_port_are_one_server() -> None:
+    with pytest.raises(DSNError, match="are the same server H:1"):
+        parse_dsn("tcp://h:1, tls://H:1")
+
+
+def test_format_dsn_encodes_every_delimiter_in_values() -> None:
+    awkward = "/a b,c\td?e&f#g%h@i:j=k+l/é"
+    server = tls(
+        "h",
+        username="u~._-",
+        password="p:@/?#&=%,+[]!$'()*;",
+        tls_ca=awkward,
+        tls_cert=awkward,
+        tls_key=awkward,
+        tls_server_name="::1",
+    )
+    save_path = format_dsn([server])
+    query = save_path.partition("?")[2]
+    assert not re.search(r"[\s,?#@:]", query)
+    assert "@" not in save_path.partition("@")[2]  # the one '@' ends the credentials
+    assert parse_dsn(save_path) == (server,)
+
+
+# (save_path, the entry as the message must quote it, the bad part it must name)
+MALFORMED_TLS_AND_CREDENTIALS = [
+    ("tls://u@h", "tls://u@h", "invalid host name 'u@h': a user name before '@' needs a password"),
+    ("tls://u:@h", "tls://u:***@h", "password must be non-empty printable ASCII"),
+    (f"tls://:{SECRET}@h", "tls://:***@h", "username must be non-empty printable ASCII"),
+    (f"tls://us%20er:{SECRET}@h", "tls://us%20er:***@h", "username must be non-empty printable"),
+    (f"tls://u%3Ax:{SECRET}@h", "tls://u%3Ax:***@h", "without whitespace or ':'"),
+    (f"tls://u:{SECRET}%20x@h", "tls://u:***@h", "password must be non-empty printable ASCII"),
+    (f"tls://u:{SECRET}%C3%A9@h", "tls://u:***@h", "password must be non-empty printable ASCII"),
+    (f"tls://u:{SECRET}%zz@h", "tls://u:***@h", "password has a '%' not followed by two hex"),
+    (f"tls://u:{SECRET}%@h", "tls://u:***@h", "password has a '%' not followed by two hex"),
+    (f"tls://u:{SECRET}%FF@h", "tls://u:***@h", "password is not percent-encoded UTF-8"),
+    (f"tls://u%FF:{SECRET}@h", "tls://u%FF:***@h", "username is not percent-encoded UTF-8"),
+    (f"tls://u:{'p' * 253}@h", "tls://u:***@h", "username:password is longer than 254"),
+    (f"udp://u:{SECRET}@h", "udp://u:***@h", "UDP reads cannot authenticate"),
+    (f"tcp://u:{SECRET}@h?udp_port=11311", "tcp://u:***@h?udp_port=11311", "per TCP connection"),
+    (
+        f"unix://u:{SECRET}@/run/m.sock",
+        "server entry 1: ",
+        "unix:// takes no user:password@; pass the store's username= and password= options",
+    ),
+    (f"h, unix:u:{SECRET}@/m.sock", "server entry 2: ", "unix:// takes no user:password@"),
+    (f"http://u:{SECRET}@h", "server entry 1 has '@'", "but no tcp:// or tls://"),
+    ("http://h", "http://h", "unknown scheme 'http'; expected tcp://, tls://, udp:// or unix://"),
+    (f"tls://u:{SECRET}@h:0", "tls://u:***@h:0", "port must be an integer 1..65535, got 0"),
+    (f"tls://u:{SECRET}@[::1", "tls://u:***@[::1", "unclosed '['"),
+    (f"tls://u:{SECRET}@", "tls://u:***@", "host is empty"),
+    (f"tls://u:{SECRET}@h?weight=0", "tls://u:***@h?weight=0", "weight must be an integer >= 1"),
+    # Typed raw, ',' or whitespace split an entry, and '?' starts its query, inside the password.
+    ("tls://u:hun,ter2@h:1", "server entry 2 has '@'", "but no tcp:// or tls://"),
+    ("tls://u:hun ter2@h:1", "server entry 2 has '@'", "with ',' and whitespace in them"),
+    ("tls://u:hun\tter2@h:1, tcp://x", "server entry 2 has '@'", "they split the entry in two"),
+    ("tls://u:hun?ter2@h", "tls://u:***@h", "'@' in the parameters; write it %40"),
+    (f"u:{SECRET}@h", "server entry 1 has '@'", "but no tcp:// or tls://"),
+    ("tls://h?tls_ca=/a@b.pem", "tls://h?tls_ca=/a@b.pem", "'@' in the parameters; write it %40"),
+    (
+        f"tls://u:{SECRET}@h:1 tls://v:{SECRET}@H:1",
+        "'tls://u:***@h:1' and 'tls://v:***@H:1'",
+        "are the same server H:1",
+    ),
+    # tls:// and UDP
+    ("tls://h?udp_port=11311", "tls://h?udp_port=11311", "memcached has no DTLS: UDP reads"),
+    ("tls://h?udp_port=1", "tls://h?udp_port=1", "drop udp_port, or use tcp:// for a trusted"),
+    # tls_* parameters
+    ("tcp://h?tls_ca=/ca.pem", "tcp://h?tls_ca=/ca.pem", "tls_ca applies to tls:// servers only"),
+    ("h?tls_cert=/c.pem", "h?tls_cert=/c.pem", "tls_cert applies to tls:// servers only"),
+    ("udp://h?tls_key=/k.pem", "udp://h?tls_key=/k.pem", "tls_key applies to tls:// servers only"),
+    (
+        "unix:///m.sock?tls_server_name=h",
+        "unix:///m.sock?tls_server_name=h",
+        "tls_server_name applies to tls:// servers only",
+    ),
+    ("tcp://h?tls_verify=1", "tcp://h?tls_verify=1", "tls_verify applies to tls:// servers only"),
+    ("tls://h?tls_key=/k.pem", "tls://h?tls_key=/k.pem", "tls_key is the private key of a client"),
+    ("tls://h?tls_verify=maybe", "tls://h?tls_verify=maybe", "tls_verify must be one of 0/1/"),
+    ("tls://h?tls_ca=", "tls://h?tls_ca=", "parameter 'tls_ca' has no value"),
+    ("tls://h?tls_ca=/a&tls_ca=/b", "tls://h?tls_ca=/a&tls_ca=/b", "duplicate parameter 'tls_ca'"),
+    ("tls://h?tls_ca=%00", "tls://h?tls_ca=%00", "tls_ca must be a file path (a non-empty str"),
+    ("tls://h?tls_ca=/a%zz", "tls://h?tls_ca=/a%zz", "tls_ca has a '%' not followed by two hex"),
+    ("tls://h?tls_cert=/a%E9", "tls://h?tls_cert=/a%E9", "tls_cert is not percent-encoded UTF-8"),
+    (
+        "tls://h?tls_server_name=a_b..c",
+        "tls://h?tls_server_name=a_b..c",
+        "tls_server_name: host name label '' of 0 characters",
+    ),
+    (
+        "tls://h?tls_server_name=%5B%3A%3A1%5D",
+        "tls://h?tls_server_name=%5B%3A%3A1%5D",
+        "tls_server_name: invalid IPv6 address '[::1]'",
+    ),
+    (
+        "tls://h?tls_server_name=a%20b",
+        "tls://h?tls_server_name=a%20b",
+        "tls_server_name: invalid host name 'a b'",
+    ),
+    (
+        "tls://h?tls_ca_file=/ca.pem",
+        "tls://h?tls_ca_file=/ca.pem",
+        "unknown parameter 'tls_ca_file'; expected one of persistent, weight, timeout, "
+        "retry_interval, udp_port, tls_ca, tls_cert, tls_key, tls_server_name, tls_verify",
+    ),
+]
+
+
+@pytest.mark.parametrize(("save_path", "entry", "bad_part"), MALFORMED_TLS_AND_CREDENTIALS)
+def test_malformed_tls_or_credentials_name_the_entry_without_its_password(
+    save_path: str, entry: str, bad_part: str
+) -> None:
+    with pytest.raises(DSNError, match=re.escape(bad_part)) as raised:
+        parse_dsn(save_path)
+    assert entry in str(raised.value)
+    assert_no_password_in(raised.value)
+
+
+def test_repr_never_shows_the_password() -> None:
+    servers = parse_dsn(f"tls://memsess:{SECRET}@h, tcp://memsess:{SECRET}@g")
+    for text in (repr(servers), str(servers[0]), repr(servers[1])):
+        assert SECRET not in text
+        assert "username='memsess'" in text
+        assert "password" not in text
+    assert servers[0].password == SECRET
+
+
+def test_unix_socket_credentials_are_options_not_save_path() -> None:
+    server = ServerSpec("unix", "/run/m.sock", 0, username="memsess", password=SECRET)
+    assert server.username == "memsess"
+    with pytest.raises(DSNError, match="pass the store's username= and password= options") as err:
+        format_dsn([server])
+    assert_no_password_in(err.value)
+
+
+def test_format_dsn_names_same_servers_without_their_passwords() -> None:
+    servers = [tcp("h", username="u", password=SECRET), tls("H", username="v", password=SECRET)]
+    with pytest.raises(DSNError, match="are the same server") as raised:
+        format_dsn(servers)
+    assert_no_password_in(raised.value)
+    assert "'tcp://u:***@h:11211' and 'tls://v:***@H:11211'" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "bad_part"),
+    [
+        ({"username": "u"}, "username and password go together: give both or neither"),
+        ({"password": SECRET}, "username and password go together"),
+        ({"scheme": "udp", "username": "u", "password": SECRET}, "UDP reads cannot authenticate"),
+        ({"udp_port": 11311, "username": "u", "password": SECRET}, "per TCP connection"),
+        ({"username": "", "password": SECRET}, "username must be non-empty printable ASCII"),
+        ({"username": "a b", "password": SECRET}, "without whitespace or ':'"),
+        ({"username": "a:b", "password": SECRET}, "without whitespace or ':'"),
+        ({"username": b"u", "password": SECRET}, "username must be"),
+        ({"username": "u", "password": ""}, "password must be non-empty printable ASCII"),
+        ({"username": "u", "password": f"{SECRET}\t"}, "password must be non-empty printable"),
+        ({"username": "u", "password": f"{SECRET}é"}, "password must be non-empty printable"),
+        ({"username": "u", "password": SECRET.encode()}, "password must be"),
+        ({"username": "u", "password": SECRET * 40}, "username:password is longer than 254"),
+        ({"scheme": "tls", "udp_port": 11311}, "memcached has no DTLS"),
+        ({"tls_ca": "/ca.pem"}, "tls_ca applies to tls:// servers only"),
+        ({"tls_verify": False}, "tls_verify applies to tls:// servers only"),
+        ({"scheme": "udp", "tls_cert": "/c.pem"}, "tls_cert applies to tls:// servers only"),
+        (
+            {"scheme": "unix", "host": "/m.sock", "port": 0, "tls_server_name": "h"},
+            "tls_server_name applies to tls:// servers only",
+        ),
+        ({"scheme": "tls", "tls_key": "/k.pem"}, "tls_key is the private key"),
+        ({"scheme": "tls", "tls_verify": 0}, "tls_verify must be True or False, got 0"),
+        ({"scheme": "tls", "tls_ca": ""}, "tls_ca must be a file path"),
+        ({"scheme": "tls", "tls_cert": "/a\x00b"}, "tls_cert must be a file path"),
+        ({"scheme": "tls", "tls_ca": Path("/ca.pem")}, "tls_ca must be a file path"),
+        ({"scheme": "tls", "tls_ca": "/caf\udce9.pem"}, "is not UTF-8 text"),
+        ({"scheme": "tls", "tls_server_name": ""}, "tls_server_name must be a DNS name or an IP"),
+        ({"scheme": "tls", "tls_server_name": "a,b"}, "tls_server_name: invalid host name 'a,b'"),
+        ({"scheme": "tls", "tls_server_name": "300.1.1.1"}, "tls_server_name: invalid IPv4"),
+    ],
+)
+def test_server_spec_validates_tls_and_credentials(
+    options: dict[str, object], bad_part: str
+) -> None:
+    fields: dict[str, object] = {"scheme": "tcp", "host": "h", "port": DEFAULT_PORT, **options}
+    with pytest.raises(DSNError, match=re.escape(bad_part)) as raised:
+        ServerSpec(**fields)  # type: ignore[arg-type]
+    assert_no_password_in(raised.value)
+
+
+def test_credentials_at_the_length_limit_are_accepted() -> None:
+    password = "p" * (254 - len("u:"))
+    (server,) = parse_dsn(f"tls://u:{password}@h")
+    assert server.password == password
+
+
 # --- property: any valid server list survives format_dsn -> parse_dsn ---------
 
 hostnames = st.from_regex(
@@ -370,12 +702,34 @@ ipv6 = st.ip_addresses(v=6).map(str)
 ports = st.integers(1, 65535)
 timeouts = st.floats(min_value=0, max_value=MAX_TIMEOUT, exclude_min=True)
 retry_intervals = st.floats(min_value=0, max_value=MAX_RETRY_INTERVAL)
+usernames = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=":"),
+    min_size=1,
+    max_size=20,
+)
+passwords = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40)
+# Any text a path can hold: every delimiter of the grammar, spaces, non-ASCII; no NUL.
+tls_paths = st.text(
+    st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=30
+)
+
+
+@st.composite
+def tls_options(draw: st.DrawFn) -> dict[str, object]:
+    tls_cert = draw(st.none() | tls_paths)
+    return {
+        "tls_ca": draw(st.none() | tls_paths),
+        "tls_cert": tls_cert,
+        "tls_key": None if tls_cert is None else draw(st.none() | tls_paths),
+        "tls_server_name": draw(st.none() | hostnames | ipv4 | ipv6),
+        "tls_verify": draw(st.booleans()),
+    }
 
 
 @st.composite
 def server_specs(draw: st.DrawFn) -> ServerSpec:
-    scheme = draw(st.sampled_from(["tcp", "udp", "unix"]))
-    options = {
+    scheme = draw(st.sampled_from(["tcp", "udp", "unix", "tls"]))
+    options: dict[str, object] = {
         "weight": draw(st.integers(1, 10_000)),
         "timeout": draw(timeouts),
         "retry_interval": draw(retry_intervals),
@@ -386,6 +740,10 @@ def server_specs(draw: st.DrawFn) -> ServerSpec:
         return ServerSpec("unix", path, 0, **options)  # type: ignore[arg-type]
     host = draw(st.one_of(hostnames, ipv4, ipv6))
     udp_port = draw(st.none() | ports) if scheme == "tcp" else None
+    if scheme in ("tcp", "tls") and udp_port is None and draw(st.booleans()):
+        options |= {"username": draw(usernames), "password": draw(passwords)}
+    if scheme == "tls":
+        options |= draw(tls_options())
     return ServerSpec(scheme, host, draw(ports), udp_port=udp_port, **options)  # type: ignore[arg-type]
 
 
@@ -408,3 +766,34 @@ def test_any_mix_of_separators_gives_the_same_servers(
         save_path += data.draw(separators) + entry
     save_path += data.draw(separators | st.just(""))
     assert parse_dsn(save_path) == tuple(servers)
+
+
+# A password typed raw: every delimiter of the grammar, separators included, around
+# "XQ", which no message of parse_dsn holds. (A separator followed by "tcp://" or
+# "unix:/" would start a real entry; such passwords are left out.)
+raw_passwords = st.lists(
+    st.sampled_from(["XQ", ",", " ", "\t", "?", "#", "%", "%zz", "%FF", "%2", "@", ":", "/"])
+    | st.sampled_from(["&", "=", "[", "]", "://", ",://", ",XQ://", "unix"]),
+    max_size=8,
+).map(lambda parts: f"XQ{''.join(parts)}XQ")
+
+
+@given(
+    st.sampled_from(["tcp://", "TLS://", "udp://", "unix://", "http://", "tcp:/", ""]),
+    st.sampled_from(["u", "", "u%20", "u%3A"]),
+    raw_passwords,
+    st.sampled_from(["h", "h:1", "[::1]:1", "/run/m.sock", "h?weight=0", "h?tls_ca=/a", "", "h?"]),
+)
+def test_a_password_typed_raw_never_shows(
+    prefix: str, username: str, password: str, after: str
+) -> None:
+    try:
+        servers = parse_dsn(f"{prefix}{username}:{password}@{after}, tcp://h:1")
+    except DSNError as error:
+        chained: BaseException | None = error
+        while chained is not None:
+            assert "XQ" not in str(chained)
+            chained = chained.__cause__ or chained.__context__
+    else:
+        assert "XQ" not in repr(servers)
+        assert all("XQ" not in server.host for server in servers)
