@@ -9,11 +9,13 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 # Ports are drawn below the kernel's ephemeral range (32768+ on Linux), so no outgoing
@@ -68,37 +70,127 @@ def _kill_all(processes: list[subprocess.Popen[bytes]], *, timeout: float) -> No
         process.wait(timeout=timeout)
 
 
-def _admin_exchange(target: _Target, command: bytes, timeout: float) -> bytes:
+@dataclass(frozen=True)
+class _Security:
+    """How admin connections reach a server: a TLS client context and credentials, if any."""
+
+    ssl_context: ssl.SSLContext | None = None
+    auth: tuple[str, str] | None = None  # (user, password), sent as memcached's ASCII auth
+
+
+_PLAIN: Final = _Security()
+
+
+def _auth_command(user: str, password: str) -> bytes:
+    """memcached's ASCII auth: a ``set`` whose data is ``user password``.
+
+    exptime -1: a server without ``-Y`` stores the item already expired, so nothing readable.
+    """
+    data = f"{user} {password}".encode()
+    return b"set memsess:auth 0 -1 %d\r\n%s\r\n" % (len(data), data)
+
+
+class _AdminConnection:
+    """One blocking connection to a server, TLS handshake and authentication done on open.
+
+    ``timeout`` (seconds) bounds connect, handshake and every read. Every failure is an
+    OSError: refused credentials a PermissionError, a close mid-reply a ConnectionError.
+    """
+
+    def __init__(self, target: _Target, timeout: float, security: _Security = _PLAIN) -> None:
+        if isinstance(target, str):
+            family = socket.AF_UNIX
+        else:
+            family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        self._buffer = bytearray()
+        try:
+            sock.settimeout(timeout)
+            sock.connect(target)
+            if security.ssl_context is not None:
+                host = "localhost" if isinstance(target, str) else target[0]
+                sock = security.ssl_context.wrap_socket(sock, server_hostname=host)
+            self._sock = sock
+            if security.auth is not None:
+                self.sendall(_auth_command(*security.auth))
+                answer = self.readline()
+                if answer != b"STORED\r\n":
+                    raise PermissionError(
+                        f"memcached refused the credentials of user {security.auth[0]!r}: "
+                        f"{answer[:200]!r}"
+                    )
+        except BaseException:
+            sock.close()
+            raise
+
+    def __enter__(self) -> _AdminConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def readline(self) -> bytes:
+        """The next line, its CRLF included."""
+        while (end := self._buffer.find(b"\n")) < 0:
+            self._fill()
+        return self._take(end + 1)
+
+    def read_exact(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            self._fill()
+        return self._take(size)
+
+    def read_until_end(self) -> bytes:
+        """Everything up to and with ``END``, or a one-line error reply."""
+        buffer = self._buffer
+        while not (buffer == b"END\r\n" or buffer.endswith(b"\nEND\r\n")):
+            if buffer.startswith(_ERROR_REPLIES) and buffer.endswith(b"\r\n"):
+                break  # a one-line refusal instead of the data
+            self._fill()
+        return self._take(len(buffer))
+
+    def _fill(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection before the end of its reply")
+        self._buffer += chunk
+
+    def _take(self, size: int) -> bytes:
+        taken = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return taken
+
+
+def _admin_exchange(
+    target: _Target, command: bytes, timeout: float, security: _Security = _PLAIN
+) -> bytes:
     """Send one command; read until ``END`` or an error line; ``timeout`` in seconds.
 
-    Every failure (refused, timed out, closed before ``END``) is an OSError.
+    Over TLS and authenticated first as ``security`` says. Every failure (refused, timed
+    out, handshake failed, credentials refused, closed before ``END``) is an OSError.
     """
-    if isinstance(target, str):
-        family = socket.AF_UNIX
-    else:
-        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(target)
-        sock.sendall(command)
-        reply = bytearray()
-        while not (reply == b"END\r\n" or reply.endswith(b"\nEND\r\n")):
-            if reply.startswith(_ERROR_REPLIES) and reply.endswith(b"\r\n"):
-                break  # a one-line refusal instead of the data
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("server closed the connection before END")
-            reply += chunk
-        return bytes(reply)
+    with _AdminConnection(target, timeout, security) as connection:
+        connection.sendall(command)
+        return connection.read_until_end()
 
 
-def _probe(process: subprocess.Popen[bytes] | None, target: _Target) -> str:
+def _probe(
+    process: subprocess.Popen[bytes] | None, target: _Target, security: _Security = _PLAIN
+) -> str:
     """``"up"``, ``"starting"``, ``"exited"``, or ``"taken"`` (another process answers)."""
     assert process is not None
     if process.poll() is not None:
         return "exited"
     try:
-        reply = _admin_exchange(target, b"stats\r\n", timeout=0.25)
+        reply = _admin_exchange(target, b"stats\r\n", timeout=0.25, security=security)
+    except PermissionError:  # a server with other credentials: ours would know them
+        return "taken"
     except OSError:  # refused, no socket file yet, or a listener that never answers
         return "starting"
     # The pid proves the answer came from our process, not one that won the port race.
