@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from memsess.health import (
 from memsess.metrics import Metrics
 from memsess.protocol import Command, ErrorReply, Status, Values, Version
 from memsess.records import VersionClock
+from memsess.transport.tls import TlsClient
 from memsess.transport import (
     DatagramLostError,
     Fanout,
@@ -88,6 +90,7 @@ class Cluster:
         straggler_window: float | None = None,
         failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
         metrics: Metrics | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not servers:
             raise ValueError("a cluster needs at least one server")
@@ -104,7 +107,9 @@ class Cluster:
         self.failure_threshold = failure_threshold
         self.clock = VersionClock() if clock is None else clock
         self.metrics = Metrics() if metrics is None else metrics
-        self.pools = tuple(ServerPool(spec) for spec in self.servers)
+        self.pools = tuple(
+            ServerPool(spec, tls=TlsClient.for_server(spec, ssl_context)) for spec in self.servers
+        )
         # Gets to a server with a udp_port go over UDP; everything else over its pool.
         self.udp_pools = tuple(
             None if spec.udp_port is None else UdpPool(spec) for spec in self.servers

@@ -12,6 +12,8 @@
     │   └── ServerError                 the server's own CLIENT_ERROR / SERVER_ERROR / ERROR
     ├── TransportError(OSError)         a socket failed; raised only inside memsess.transport
     │   ├── ConnectError                connection refused or could not be opened
+    │   │   ├── TlsError                the TLS handshake failed (untrusted, not TLS)
+    │   │   └── AuthenticationError     the server refused our credentials, or wants some
     │   ├── TimeoutError                no answer within the server's timeout
     │   └── ConnectionClosedError       the server closed the connection
     └── ClusterError
@@ -25,6 +27,7 @@ from __future__ import annotations
 import builtins
 
 __all__ = [
+    "AuthenticationError",
     "ClusterError",
     "ConnectError",
     "ConnectionClosedError",
@@ -39,6 +42,7 @@ __all__ = [
     "SessionIdError",
     "SessionTooLargeError",
     "TimeoutError",
+    "TlsError",
     "TransportError",
     "WriteError",
 ]
@@ -95,6 +99,24 @@ class ConnectError(TransportError):
     def __init__(self, message: str, *, refused: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+
+
+class TlsError(ConnectError):
+    """The TLS handshake with a tls:// server failed: its certificate is not trusted or
+    not for its name, or it speaks no TLS. Marks the server down at once (a retry within
+    its retry_interval would fail the same way)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, refused=True)
+
+
+class AuthenticationError(ConnectError):
+    """memcached's ASCII authentication (``-Y``) refused the DSN's user name and password,
+    or the server wants credentials and none were given. Marks the server down at once,
+    so a wrong password costs one attempt per retry_interval, not one per request."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, refused=True)
 
 
 class TimeoutError(TransportError, builtins.TimeoutError):

@@ -27,6 +27,18 @@ TEST_RETRY_INTERVAL = 0.3
 
 StoreFactory = Callable[..., SessionStore]
 
+#: How the fault tests reach their servers: plain TCP, and TLS with ASCII authentication
+#: (memcached -Z -Y), where a hung server may be hung in the middle of a handshake.
+WIRES = ["tcp", "tls"]
+TLS_AUTH = ("memsess", "fault-test-password")
+
+
+def wire_cluster(n: int, wire: str) -> LocalCluster:
+    """A LocalCluster of ``n`` servers reached over ``wire`` (one of WIRES)."""
+    if wire == "tls":
+        return LocalCluster(n, tls=True, auth=TLS_AUTH)
+    return LocalCluster(n)
+
 
 @pytest.fixture
 def cluster() -> Iterator[LocalCluster]:

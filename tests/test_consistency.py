@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 from blocking_async import DRIVERS, store_for
-from conftest import TEST_RETRY_INTERVAL, TEST_TIMEOUT, key_of
+from conftest import TEST_RETRY_INTERVAL, TEST_TIMEOUT, WIRES, key_of, wire_cluster
 
 from memsess import SessionStore
 from memsess.records import FLAGS, TOMBSTONE, decode_record, encode_record
@@ -20,9 +20,10 @@ from memsess.testing import LocalCluster
 STALLS = [0.030, 0.150]  # seconds: over every straggler window, under the 0.5 s timeout
 
 
-@pytest.fixture
-def pair() -> Iterator[LocalCluster]:
-    with LocalCluster(2) as local:
+@pytest.fixture(params=WIRES)
+def pair(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    """Two servers, over plain TCP and over TLS with authentication."""
+    with wire_cluster(2, str(request.param)) as local:
         yield local
 
 

@@ -7,12 +7,20 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 from blocking_async import DRIVERS
-from conftest import TEST_RETRY_INTERVAL, StoreFactory, cpu_burners, key_of, server_indexes
+from conftest import (
+    TEST_RETRY_INTERVAL,
+    WIRES,
+    StoreFactory,
+    cpu_burners,
+    key_of,
+    server_indexes,
+    wire_cluster,
+)
 
 from memsess import NoServerAvailableError, SessionStore
 from memsess.testing import LocalCluster
@@ -24,6 +32,13 @@ FAULTY = 0
 def driver(request: pytest.FixtureRequest) -> str:
     """Every fault test runs on the blocking store and on the asyncio one."""
     return str(request.param)
+
+
+@pytest.fixture(params=WIRES)
+def cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    """... and over plain TCP and over TLS with authentication."""
+    with wire_cluster(3, str(request.param)) as local:
+        yield local
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from time import monotonic
 from typing import Final
 
 from memsess.dsn import ServerSpec
-from memsess.errors import ConnectError, MemsessError
+from memsess.errors import ConnectError, MemsessError, TlsError
 from memsess.protocol import ClientProtocol, Command
 from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result, connect_error
 from memsess.transport.fanout import WaitRule
@@ -54,14 +54,16 @@ class StreamConnection(asyncio.Protocol):
     read later)."""
 
     __slots__ = (
+        "authenticated",
         "batch",
         "closed",
         "index",
-        "parser",
         "pools",
+        "protocol",
         "reused",
         "slot",
         "sock",
+        "tls",
         "transport",
     )
 
@@ -70,7 +72,10 @@ class StreamConnection(asyncio.Protocol):
         self.index = index
         self.transport: asyncio.Transport | None = None
         self.sock: socket.socket | None = None  # ours: closable even after its loop closed
-        self.parser = ClientProtocol()
+        self.protocol = ClientProtocol()
+        tls = pools.stream[index].tls
+        self.tls = None if tls is None else tls.start()
+        self.authenticated = False
         self.batch: AsyncFanout | None = None
         self.slot = 0
         self.closed = False  # set first by every close of ours
@@ -82,9 +87,21 @@ class StreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         batch = self.batch
         if batch is None:
-            self.abort()
+            self._idle_received(data)
             return
         batch._received(self.slot, self, data)
+
+    def _idle_received(self, data: bytes) -> None:
+        tls = self.tls
+        if tls is not None and tls.established:
+            # TLS records that carry no reply (a session ticket sent after the handshake)
+            # may come while idle; anything else was never asked for.
+            try:
+                if tls.feed(data) == b"" and not tls.pending():
+                    return
+            except (OSError, ValueError):
+                pass
+        self.abort()
 
     def eof_received(self) -> bool:
         self._ended(None)
@@ -326,14 +343,24 @@ class AsyncFanout:
         conn.slot = slot
         self._conns[slot] = conn
         exchange = self.exchanges[slot]
-        out = exchange.begin(conn.parser, conn.reused)
+        try:
+            out = exchange.begin(conn)
+        except TlsError as exc:
+            self._end(slot, exc, keep=False)
+            return
+        self._write(slot, conn, exchange, out)
+
+    def _write(self, slot: int, conn: StreamConnection, exchange: Exchange, out: bytes) -> None:
         transport = conn.transport
         assert transport is not None
         transport.write(out)  # buffered by the transport if the socket takes less
         exchange.sent(len(out))
-        self._sent_at[slot] = monotonic()
-        if self._cut_at != inf:  # sent after the cut was set: its own window from now
-            self._arm()
+        if exchange.handed_over:
+            # Each write (a command, a TLS handshake's flight) gives the server a straggler
+            # window of its own from now.
+            self._sent_at[slot] = monotonic()
+            if self._cut_at != inf:  # sent after the cut was set: its own window from now
+                self._arm()
 
     def _begin_udp(self, slot: int, udp: UdpPool, udp_wait: float) -> bool:
         try:
@@ -366,6 +393,8 @@ class AsyncFanout:
         exchange = self.exchanges[slot]
         outcome = exchange.data_received(data)
         if outcome is None:
+            if exchange.out:  # a TLS handshake goes on, or lets the command out now
+                self._write(slot, conn, exchange, exchange.out)
             return
         if exchange.keep:  # a whole reply on a connection worth keeping: the common case
             conn.batch = None

@@ -19,7 +19,7 @@ from math import ceil
 from time import monotonic
 from typing import Final, Protocol
 
-from memsess.errors import ConnectError, MemsessError
+from memsess.errors import ConnectError, MemsessError, TlsError
 from memsess.protocol import Command
 from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result
 from memsess.transport.pool import Connection, ServerPool
@@ -108,8 +108,10 @@ class Fanout:
         "_pools",
         "_routes",
         "_rule",
+        "_sent_at",
         "_start",
         "_udp",
+        "_window",
         "exchanges",
         "latency",
         "results",
@@ -127,11 +129,13 @@ class Fanout:
         self._rule = rule
         self._routes = routes
         self._cut_at = _INF
+        self._window = 0.0  # the straggler window the rule gave when it set _cut_at
         self._poller = select.poll()
         self._by_fd: dict[int, int] = {}  # socket fd -> slot, for the slots still waiting
         count = len(pools)
         self._conns: list[Connection | None] = [None] * count
         self._udp: list[tuple[UdpPool, UdpRead] | None] = [None] * count
+        self._sent_at = [_INF] * count  # when each slot last wrote all it had (inf: not yet)
         self.results: list[Result | None] = [None] * count
         self.latency = [0.0] * count
         exchanges: list[Exchange] = []
@@ -184,7 +188,13 @@ class Fanout:
             return
         self._conns[slot] = conn
         exchange = self.exchanges[slot]
-        out = exchange.begin(conn.protocol, conn.reused)
+        try:
+            out = exchange.begin(conn)
+        except TlsError as exc:
+            conn.close()
+            self._conns[slot] = None
+            self._finish(slot, exc)
+            return
         if conn.connected:
             try:
                 sent = conn.sock.send(out)
@@ -195,6 +205,8 @@ class Fanout:
                 return  # finished, or moved to another connection
             if sent:
                 exchange.sent(sent)
+                if not exchange.out:
+                    self._sent_at[slot] = monotonic()
         fd = conn.fd
         self._by_fd[fd] = slot
         self._poller.register(fd, _POLLOUT if exchange.out or not conn.connected else _POLLIN)
@@ -209,7 +221,8 @@ class Fanout:
             return
         else:
             read.datagram = b""
-            read.sent(monotonic(), self.exchanges[slot].deadline)
+            self._sent_at[slot] = now = monotonic()
+            read.sent(now, self.exchanges[slot].deadline)
         self._watch(slot, conn)
 
     # -- the loop ------------------------------------------------------------------------
@@ -240,13 +253,9 @@ class Fanout:
         # The earliest time a slot still waiting may end (not of all slots: with unequal
         # timeouts, a finished server's deadline passing must not make the loop spin): its
         # deadline, or the straggler cut once its command is with the kernel.
-        cut_at = self._cut_at
         limit = _INF
         for slot in self._by_fd.values():
-            deadline = self._slot_deadline(slot)
-            if cut_at < deadline and self._handed_over(slot):
-                deadline = cut_at
-            limit = min(limit, deadline)
+            limit = min(limit, self._slot_deadline(slot), self._cut_of(slot))
         wait_ms = max(0, ceil((limit - monotonic()) * 1000))
         events = self._poller.poll(wait_ms)
         for fd, mask in events:
@@ -262,15 +271,21 @@ class Fanout:
         pending = self._udp[slot]
         return self.exchanges[slot].deadline if pending is None else pending[1].deadline
 
-    def _handed_over(self, slot: int) -> bool:
-        """True once ``slot``'s command is all with the kernel. Only then may it be cut
-        as a straggler: a write cut before it was sent would be a copy skipped because
-        this process was slow (a connect still in progress), not because the server was."""
+    def _cut_of(self, slot: int) -> float:
+        """When ``slot`` may be cut off as a straggler: the rule's cut, and never before a
+        window has passed since it last wrote all it had (its command, or a TLS
+        handshake's flight: then the server's answer is what is missing). Never while it
+        still has bytes to write: a write cut then would be a copy skipped because this
+        process was slow (a connect still in progress), not because the server was."""
         pending = self._udp[slot]
         if pending is not None:
-            return not pending[1].datagram
-        conn = self._conns[slot]
-        return conn is not None and conn.connected and not self.exchanges[slot].out
+            if pending[1].datagram:
+                return _INF
+        else:
+            conn = self._conns[slot]
+            if conn is None or not conn.connected or not self.exchanges[slot].handed_over:
+                return _INF
+        return max(self._cut_at, self._sent_at[slot] + self._window)
 
     def _step(self, slot: int, mask: int) -> None:
         conn: Connection = self._conns[slot]  # type: ignore[assignment]  # polled: it has one
@@ -290,29 +305,39 @@ class Fanout:
             if self._conns[slot] is conn:
                 self._watch(slot, conn)
         elif mask & (_POLLIN | _POLL_FAILED):
-            try:
-                data = conn.sock.recv(_RECV_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._act(slot, exchange.failed(exc, "recv"))
-                return
-            outcome = exchange.data_received(data)
-            if outcome is None:
-                return
-            if exchange.keep:  # (then outcome is the Reply)
-                # The common case, kept short: a whole reply on a connection worth keeping.
-                reply: Result = outcome  # type: ignore[assignment]
-                fd = conn.fd
-                del self._by_fd[fd]
-                self._poller.unregister(fd)
-                self._pools[slot].release(conn)  # (_conns[slot] stays: nothing reads it now)
-                now = monotonic()  # _finish, inlined
-                self.results[slot] = reply
-                self.latency[slot] = now - self._start
-                self._cut_at = self._rule.on_result(slot, reply, now)
-                return
-            self._act(slot, outcome)
+            self._read(slot, conn, exchange)
+
+    def _read(self, slot: int, conn: Connection, exchange: Exchange) -> None:
+        try:
+            data = conn.sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._act(slot, exchange.failed(exc, "recv"))
+            return
+        outcome = exchange.data_received(data)
+        if outcome is None:
+            if exchange.out:  # a TLS handshake goes on, or the command may go out now
+                self._send(slot, conn)
+                if self._conns[slot] is conn:
+                    self._watch(slot, conn)
+            return
+        if exchange.keep:  # (then outcome is the Reply)
+            # The common case, kept short: a whole reply on a connection worth keeping.
+            reply: Result = outcome  # type: ignore[assignment]
+            fd = conn.fd
+            del self._by_fd[fd]
+            self._poller.unregister(fd)
+            self._pools[slot].release(conn)  # (_conns[slot] stays: nothing reads it now)
+            now = monotonic()  # _finish, inlined
+            self.results[slot] = reply
+            self.latency[slot] = now - self._start
+            cut_at = self._rule.on_result(slot, reply, now)
+            if cut_at != self._cut_at:
+                self._cut_at = cut_at
+                self._window = max(0.0, cut_at - now)
+            return
+        self._act(slot, outcome)
 
     def _send(self, slot: int, conn: Connection) -> None:
         exchange = self.exchanges[slot]
@@ -324,6 +349,8 @@ class Fanout:
             self._act(slot, exchange.failed(exc, "send"))
             return
         exchange.sent(sent)
+        if not exchange.out:
+            self._sent_at[slot] = monotonic()
 
     def _act(self, slot: int, outcome: Outcome) -> None:
         """Do what the exchange said: wait on, reconnect, or end with a result."""
@@ -367,12 +394,11 @@ class Fanout:
         self._open_stream(slot)
 
     def _expire(self, now: float) -> None:
-        cut_at = self._cut_at
         for slot in list(self._by_fd.values()):
             exchange = self.exchanges[slot]
             udp = self._udp[slot]
             deadline = exchange.deadline if udp is None else udp[1].deadline
-            straggler = cut_at <= now < exchange.deadline and self._handed_over(slot)
+            straggler = self._cut_of(slot) <= now < exchange.deadline
             if not straggler and now < deadline:
                 continue
             if udp is None:
@@ -400,4 +426,7 @@ class Fanout:
         now = monotonic()
         self.results[slot] = result
         self.latency[slot] = now - self._start
-        self._cut_at = self._rule.on_result(slot, result, now)
+        cut_at = self._rule.on_result(slot, result, now)
+        if cut_at != self._cut_at:
+            self._cut_at = cut_at
+            self._window = max(0.0, cut_at - now)

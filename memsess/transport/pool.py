@@ -17,6 +17,7 @@ from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError
 from memsess.protocol import ClientProtocol
 from memsess.transport.exchange import connect_error
+from memsess.transport.tls import TlsClient, TlsLink
 
 __all__ = [
     "Connection",
@@ -35,16 +36,19 @@ _IN_PROGRESS: Final = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAL
 
 
 class Connection:
-    """One socket with its protocol state."""
+    """One socket with its protocol state: the reply parser, the TLS state of a tls://
+    server, and whether the server has taken our credentials."""
 
-    __slots__ = ("connected", "fd", "protocol", "reused", "sock")
+    __slots__ = ("authenticated", "connected", "fd", "protocol", "reused", "sock", "tls")
 
-    def __init__(self, sock: socket.socket, *, connected: bool) -> None:
+    def __init__(self, sock: socket.socket, *, connected: bool, tls: TlsLink | None = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.connected = connected
         self.protocol = ClientProtocol()
         self.reused = False
+        self.tls = tls
+        self.authenticated = False
 
     def close(self) -> None:
         self.sock.close()
@@ -53,11 +57,20 @@ class Connection:
 class ServerPool:
     """Idle connections to one server, shared by every thread of the process."""
 
-    __slots__ = ("__weakref__", "_idle", "address", "family", "max_idle", "spec")
+    __slots__ = ("__weakref__", "_idle", "address", "family", "max_idle", "spec", "tls")
 
-    def __init__(self, spec: ServerSpec, *, max_idle: int = DEFAULT_MAX_IDLE) -> None:
+    def __init__(
+        self,
+        spec: ServerSpec,
+        *,
+        max_idle: int = DEFAULT_MAX_IDLE,
+        tls: TlsClient | None = None,
+    ) -> None:
+        """``tls``: how to reach a tls:// server (default: from its DSN entry alone)."""
         self.spec = spec
         self.max_idle = max_idle
+        #: Shared with the event loops' pools of the same server (memsess.transport.aio).
+        self.tls = TlsClient.for_server(spec, None) if tls is None else tls
         self._idle: deque[Connection] = deque()
         #: Resolved once, here: a DNS lookup must never sit in a request (any driver's).
         self.family, self.address = _resolve_stream(spec)
@@ -81,10 +94,12 @@ class ServerPool:
             # Commands are one small write each; Nagle would hold them back.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         code = sock.connect_ex(self.address)
+        tls = self.tls
+        link = None if tls is None else tls.start()
         if code == 0:
-            return Connection(sock, connected=True)
+            return Connection(sock, connected=True, tls=link)
         if code in _IN_PROGRESS and self.family != socket.AF_UNIX:
-            return Connection(sock, connected=False)
+            return Connection(sock, connected=False, tls=link)
         sock.close()
         raise connect_error(self.spec, code)
 
