@@ -1,35 +1,42 @@
-"""Read-only admin calls to one memcached server, over pymemcache: stats and latency,
-the UDP listener, and the raw bytes, flags and remaining lifetime of one key; and the
-health a SessionStore gives each server after one probe read.
+"""Read-only admin calls to one memcached server over memsess's own protocol and transport:
+stats and latency, the UDP listener, and the raw bytes, flags and remaining lifetime of one
+key; and the health a SessionStore gives each server after one probe read.
 
-Used by ``memsess check`` and ``memsess inspect``; nothing here writes.
+Used by ``memsess check`` and ``memsess inspect``; nothing here writes. Every command is
+one exchange under the server's DSN ``timeout`` (a whole-exchange deadline, however the
+reply trickles in), and a server's commands stop at its first failure.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
-import random
+import re
+import select
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final
+from math import ceil
+from typing import Final, TypeVar
 
-from pymemcache.client.base import Client
-from pymemcache.exceptions import MemcacheError, MemcacheUnknownCommandError
-
+from memsess import protocol
 from memsess.cluster import ServerStatus
 from memsess.dsn import ServerSpec
-from memsess.errors import MemsessError
+from memsess.errors import MemsessError, ProtocolError
+from memsess.protocol import Command, ErrorReply, MetaItem, Reply, Stats, Status, Values, Version
 from memsess.records import new_id
 from memsess.store import SessionStore
-from memsess.transport.udp_core import HEADER, MAX_DATAGRAM
+from memsess.transport import ServerPool, UdpPool, fanout
+from memsess.transport.udp import read_datagrams
+from memsess.transport.udp_core import UdpRead
 
 __all__ = [
+    "LATENCY_SAMPLES",
+    "UDP_TIMEOUT",
     "RawCopy",
     "ServerCheck",
-    "admin_client",
     "check_server",
     "check_udp",
     "describe_error",
@@ -41,39 +48,40 @@ LATENCY_SAMPLES: Final = 3  # round trips timed per server; the fastest is repor
 #: Seconds the UDP listener gets to answer (less when the server's timeout is shorter);
 #: loopback answers in ~20 us, so a silent listener is off, not slow.
 UDP_TIMEOUT: Final = 0.5
+_VERSION: Final = protocol.version()
 _PROBE_ID_ATTEMPTS: Final = 1000  # random ids tried to cover every server with a probe load
+# What the transport's messages start with; the tables already name the server.
+_SERVER_PREFIX: Final = re.compile(r"memcached \S+: (connect failed: )?")
 
-
-def admin_client(spec: ServerSpec, timeout: float) -> Any:
-    """An admin client for one server that waits for every reply (pymemcache's default
-    ``noreply`` would report writes as done unseen) and hands back raw bytes and flags."""
-    target = spec.host if spec.scheme == "unix" else (spec.host, spec.port)
-    return Client(
-        target,
-        connect_timeout=timeout,
-        timeout=timeout,
-        default_noreply=False,
-        serde=_RawSerde(),
-    )
-
-
-class _RawSerde:
-    """pymemcache serde that returns ``(value, flags)``: records are decoded here."""
-
-    def serialize(self, key: bytes, value: bytes) -> tuple[bytes, int]:
-        return value, 0
-
-    def deserialize(self, key: bytes, value: bytes, flags: int) -> tuple[bytes, int]:
-        return value, flags
+_Wanted = TypeVar("_Wanted", Version, Stats, Values)
 
 
 def describe_error(exc: BaseException, timeout: float) -> str:
     """A short reason for an operator: ``no reply within 1 s``, ``Connection refused``."""
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, builtins.TimeoutError):  # memsess's TimeoutError is one too
         return f"no reply within {timeout:g} s"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc) or type(exc).__name__
+    return _SERVER_PREFIX.sub("", str(exc), count=1) or type(exc).__name__
+
+
+def _ask(pool: ServerPool, command: Command) -> Reply:
+    """The reply of ``pool``'s server to ``command`` within its timeout; raises the
+    MemsessError that ended the exchange instead (an ErrorReply is returned)."""
+    (result,) = fanout([pool], [command])
+    if isinstance(result, MemsessError):
+        raise result
+    return result
+
+
+def _expect(reply: Reply, kind: type[_Wanted]) -> _Wanted:
+    """``reply`` if it is of the ``kind`` the command asked for; else raise (a ServerError
+    for the server's ERROR, CLIENT_ERROR or SERVER_ERROR)."""
+    if isinstance(reply, ErrorReply):
+        raise reply.to_exception()
+    if not isinstance(reply, kind):
+        raise ProtocolError(f"unexpected reply {reply!r}")
+    return reply
 
 
 @dataclass
@@ -95,60 +103,74 @@ class ServerCheck:
 
 
 def check_server(spec: ServerSpec) -> ServerCheck:
-    """Stats, version, latency and UDP listener of one server, within ``spec.timeout``."""
-    client = admin_client(spec, spec.timeout)
+    """Stats, version, latency and UDP listener of one server: LATENCY_SAMPLES ``version``
+    round trips and one ``stats``, each within ``spec.timeout`` seconds, then the UDP
+    listener within ``min(spec.timeout, UDP_TIMEOUT)``."""
+    samples = []
     try:
-        samples = []
-        for _ in range(LATENCY_SAMPLES):
-            started = time.perf_counter()
-            client.version()
-            samples.append(time.perf_counter() - started)
-        stats = client.stats()
-    except (OSError, MemcacheError) as exc:
+        pool = ServerPool(spec, max_idle=1)  # one connection, reused: only the first connects
+        try:
+            for _ in range(LATENCY_SAMPLES):
+                started = time.perf_counter()
+                _expect(_ask(pool, protocol.version()), Version)
+                samples.append(time.perf_counter() - started)
+            stats = _expect(_ask(pool, protocol.stats()), Stats)
+        finally:
+            pool.clear()
+    except MemsessError as exc:
         udp = "not configured" if spec.udp_port is None else "-"
         return ServerCheck(spec.name, False, describe_error(exc, spec.timeout), udp=udp)
-    finally:
-        client.close()
     return ServerCheck(
         spec.name,
         True,
-        version=bytes(stats.get(b"version", b"?")).decode(errors="replace"),
-        latency_ms=round(
-            min(samples[1:] or samples) * 1000, 3
-        ),  # the first one includes the connect
-        items=stats.get(b"curr_items"),
-        memory_bytes=stats.get(b"bytes"),
-        memory_limit=stats.get(b"limit_maxbytes"),
-        evictions=stats.get(b"evictions"),
+        version=stats.entries.get("version", "?"),
+        latency_ms=round(min(samples[1:] or samples) * 1000, 3),  # the first one connects
+        items=stats.number("curr_items"),
+        memory_bytes=stats.number("bytes"),
+        memory_limit=stats.number("limit_maxbytes"),
+        evictions=stats.number("evictions"),
         udp=check_udp(spec),
     )
 
 
 def check_udp(spec: ServerSpec) -> str:
-    """Ask the server's UDP listener for its ``version`` in one framed datagram."""
+    """Ask the server's UDP listener for its ``version`` in one framed datagram (the
+    transport's own UdpRead), waiting at most ``min(spec.timeout, UDP_TIMEOUT)`` s."""
     if spec.udp_port is None:
         return "not configured"
-    request_id = random.randrange(1 << 16)
     timeout = min(spec.timeout, UDP_TIMEOUT)
-    deadline = time.monotonic() + timeout
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            spec.host, spec.udp_port, type=socket.SOCK_DGRAM
-        )[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.connect(address)
-            sock.send(HEADER.pack(request_id, 0, 1, 0) + b"version\r\n")
-            while True:  # skip stray datagrams (another request id) until the deadline
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                datagram = sock.recv(MAX_DATAGRAM)
-                if len(datagram) > HEADER.size and HEADER.unpack_from(datagram)[0] == request_id:
-                    return (
-                        "on"
-                        if datagram[HEADER.size :].startswith(b"VERSION ")
-                        else "off (bad reply)"
-                    )
-    except OSError as exc:
+        conn = UdpPool(spec, max_idle=0).acquire()  # connected: ICMP refusals are reported
+    except OSError as exc:  # ConnectError (unresolvable host) is one too
         return f"off ({describe_error(exc, timeout).lower()})"
+    try:
+        outcome = _udp_version(conn.sock, UdpRead(_VERSION, conn.take_id(), conn.protocol, timeout))
+    except OSError as exc:
+        outcome = exc
+    finally:
+        conn.close()
+    if isinstance(outcome, Version):
+        return "on"
+    if isinstance(outcome, OSError):
+        return f"off ({describe_error(outcome, timeout).lower()})"
+    return f"off (no reply within {timeout:g} s)" if outcome is None else "off (bad reply)"
+
+
+def _udp_version(sock: socket.socket, read: UdpRead) -> Reply | str | OSError | None:
+    """Send ``read``'s datagram, then feed it what arrives (it drops stray datagrams) until
+    its reply is whole or its wait is over (None)."""
+    sock.send(read.datagram)
+    started = time.monotonic()
+    read.sent(started, started + read.udp_wait)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    while (left := read.deadline - time.monotonic()) > 0:
+        if poller.poll(ceil(left * 1000)):
+            outcome = read_datagrams(sock, read)
+            if outcome is not None:
+                return outcome
+            read.progressed(time.monotonic(), started + read.udp_wait)
+    return None
 
 
 @dataclass
@@ -162,34 +184,25 @@ class RawCopy:
 
 
 def read_copy(spec: ServerSpec, key: bytes) -> RawCopy:
-    """The bytes, flags and remaining lifetime of ``key`` on one server."""
-    client = admin_client(spec, spec.timeout)
+    """The bytes, flags and remaining lifetime of ``key`` on one server: one ``mg``
+    (memcached >= 1.6) within ``spec.timeout`` s, or where meta commands are missing one
+    ``get`` more, which cannot tell the lifetime (``ttl`` None)."""
     try:
-        for _ in range(3):  # a write between the two commands changes the CAS: read again
-            found, cas = client.gets(key)
-            if found is None:
-                return RawCopy()
-            ttl, meta_cas = _remaining_ttl(client, key)
-            if meta_cas is None or meta_cas == int(cas):
-                break
-        value, flags = found
-        return RawCopy(value, flags, ttl)
-    except (OSError, MemcacheError) as exc:
+        pool = ServerPool(spec, max_idle=1)
+        try:
+            reply = _ask(pool, protocol.meta_get(key))
+            if isinstance(reply, ErrorReply) and reply.kind == "ERROR":  # no such command
+                reply = _ask(pool, protocol.get(key))
+        finally:
+            pool.clear()
+        if isinstance(reply, MetaItem):
+            return RawCopy(reply.value, reply.flags, reply.ttl)
+        if reply is Status.NOT_FOUND:
+            return RawCopy()
+        items = _expect(reply, Values).items  # of the one key asked: the parser saw to it
+    except MemsessError as exc:
         return RawCopy(error=describe_error(exc, spec.timeout))
-    finally:
-        client.close()
-
-
-def _remaining_ttl(client: Any, key: bytes) -> tuple[int | None, int | None]:
-    """``mg <key> t c`` (memcached >= 1.6): seconds left (-1: never) and the CAS; the
-    classic ``get`` cannot tell the lifetime. (None, None) where meta commands are absent."""
-    try:
-        reply: bytes = client.raw_command(b"mg " + key + b" t c", b"\r\n")
-    except MemcacheUnknownCommandError:
-        return None, None
-    fields = {token[:1]: token[1:] for token in reply.split()[1:]} if reply[:2] == b"HD" else {}
-    ttl, cas = fields.get(b"t"), fields.get(b"c")
-    return (None if ttl is None else int(ttl)), (None if cas is None else int(cas))
+    return RawCopy(items[0].value, items[0].flags) if items else RawCopy()
 
 
 def probe_health(store: SessionStore) -> list[ServerStatus]:

@@ -1,9 +1,10 @@
 """``memsess check`` and ``memsess inspect``: what an operator needs to see of a cluster.
 
-Both only read. ``check`` asks every server for its stats over pymemcache and loads a few
-random, absent ids through a SessionStore to see the health memsess gives each server;
-``inspect`` reads each copy of one session and never repairs it (that would change what
-is being inspected).
+Both only read, through memsess's own protocol and transport (so whatever the DSN can
+say, TLS or credentials, they speak too), each server within its DSN ``timeout`` per
+command. ``check`` asks every server for its stats and loads a few random, absent ids
+through a SessionStore to see the health memsess gives each server; ``inspect`` reads each
+copy of one session and never repairs it (that would change what is being inspected).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any, Final, TextIO, TypeVar
 
 from memsess.admin import RawCopy, ServerCheck, check_server, probe_health, read_copy
 from memsess.dsn import ServerSpec, parse_dsn
-from memsess.errors import MemsessError
+from memsess.errors import ConnectError, DSNError, InvalidKeyError, MemsessError
+from memsess.protocol import MAX_KEY_LENGTH, check_key
 from memsess.records import TOMBSTONE, decode_record, is_valid_id, storage_key
 from memsess.serializers import SERIALIZERS
 from memsess.store import DEFAULT_REDUNDANCY, SessionStore
@@ -32,6 +34,7 @@ __all__ = [
     "EXIT_DEGRADED",
     "EXIT_NOT_FOUND",
     "EXIT_OK",
+    "EXIT_UNKNOWN",
     "EXIT_UNMET",
     "UsageError",
     "add_commands",
@@ -39,19 +42,26 @@ __all__ = [
 
 EXIT_OK: Final = 0  # every server up (check); every copy current (inspect)
 EXIT_DEGRADED: Final = 1  # a server down or a UDP listener silent; a copy stale or missing
-EXIT_UNMET: Final = 2  # fewer reachable servers than the redundancy; also a usage error
+EXIT_UNMET: Final = 2  # fewer reachable servers than the redundancy; inspect: usage error
 EXIT_NOT_FOUND: Final = 3  # inspect: every server answered, none holds the session
+#: check: a usage or configuration error, nothing was asked (Nagios' UNKNOWN: a monitor
+#: must not page "CRITICAL" for a typo in its own command line). inspect keeps 2 for
+#: these, as 3 already means "no server holds the session" there.
+EXIT_UNKNOWN: Final = 3
 PROGRESS_AFTER: Final = 0.5  # seconds of waiting before check reports each server
 
 T = TypeVar("T")
 
 
 class UsageError(MemsessError, ValueError):
-    """An option that does not make sense; the command exits with status 2, nothing sent."""
+    """An option or DSN that does not make sense (a host that does not resolve, too):
+    nothing is sent, one line goes to stderr, and the command exits with status 3
+    (check) or 2 (inspect)."""
 
 
 _CHECK_EPILOG = """exit status: 0 all servers up; 1 a server is down or its configured UDP
-listener does not answer; 2 fewer servers reachable than --redundancy (or a usage error)"""
+listener does not answer; 2 fewer servers reachable than --redundancy; 3 a usage or
+configuration error, such as a malformed DSN or a host that does not resolve (nothing sent)"""
 _INSPECT_EPILOG = """exit status: 0 every copy current; 1 a copy is stale, missing, corrupt
 or unreadable; 2 malformed session id or usage error (nothing sent); 3 no server holds it"""
 
@@ -101,6 +111,16 @@ def _servers(args: argparse.Namespace) -> tuple[list[ServerSpec], int]:
     return specs, redundancy
 
 
+def _open_store(specs: list[ServerSpec], **options: Any) -> SessionStore:
+    """A SessionStore on ``specs``. Making one sends nothing, so what fails here is the
+    command line: a host that does not resolve, a TLS file that cannot be read, an
+    option the store refuses; each becomes a UsageError."""
+    try:
+        return SessionStore(specs, **options)
+    except (ConnectError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _gather(jobs: Mapping[str, Callable[[], T]], progress: TextIO) -> dict[str, T]:
     """Run every job at once (a hung server costs one timeout, not one each); after
     PROGRESS_AFTER seconds, report each job that finishes on ``progress``."""
@@ -148,14 +168,22 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def run_check(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """``memsess check``: print a table (or JSON) of every server; return the exit status."""
+    """``memsess check``: print a table (or JSON) of every server; return the exit status.
+
+    Takes at most about (LATENCY_SAMPLES + 1) DSN timeouts and the UDP wait of the slowest
+    server: servers are checked at once, each command within its server's timeout."""
     _configure_logging(args.verbose)
-    specs, redundancy = _servers(args)
-    # Each server gets its full timeout, no straggler cut-off: a state other than "up" then
-    # means it failed the probe, not that it answered a few ms after its peer on a busy host.
-    patience = max(spec.timeout for spec in specs)
-    redundancy_used = min(redundancy, len(specs))
-    with SessionStore(specs, redundancy=redundancy_used, straggler_window=patience) as store:
+    try:
+        specs, redundancy = _servers(args)
+        # Each server gets its full timeout, no straggler cut-off: a state other than "up"
+        # then means it failed the probe, not that it answered a few ms after its peer.
+        patience = max(spec.timeout for spec in specs)
+        redundancy_used = min(redundancy, len(specs))
+        store = _open_store(specs, redundancy=redundancy_used, straggler_window=patience)
+    except (DSNError, UsageError) as exc:
+        sys.stderr.write(f"memsess check: {exc}\n")
+        return EXIT_UNKNOWN
+    with store:
         jobs: dict[str, Callable[[], Any]] = {
             spec.name: partial(check_server, spec) for spec in specs
         }
@@ -249,9 +277,8 @@ def run_inspect(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         raise UsageError(
             f"--redundancy {redundancy} needs that many servers; the DSN has {len(specs)}"
         )
-    prefix = args.key_prefix.encode("ascii")
-    key = storage_key(prefix, args.session_id)
-    with SessionStore(specs, redundancy=redundancy, key_prefix=args.key_prefix) as store:
+    key = _storage_key(args.key_prefix, args.session_id)
+    with _open_store(specs, redundancy=redundancy, key_prefix=args.key_prefix) as store:
         replicas = store.locate(args.session_id)  # pure: the ring, nothing sent
     reads = _gather({spec.name: partial(read_copy, spec, key) for spec in specs}, sys.stderr)
     copies = _classify(specs, replicas, reads, show_data=args.show_data)
@@ -267,6 +294,18 @@ def run_inspect(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     else:
         out.write(_inspect_text(shown, key, state, copies, redundancy))
     return code
+
+
+def _storage_key(key_prefix: str, session_id: str) -> bytes:
+    """The memcached key of the session; a UsageError for a prefix memcached cannot take."""
+    try:
+        return check_key(storage_key(key_prefix.encode("ascii"), session_id))
+    except (UnicodeEncodeError, InvalidKeyError) as exc:
+        raise UsageError(
+            f"--key-prefix {key_prefix!r} cannot start a memcached key: it must be ASCII,"
+            " without spaces or control characters, and at most"
+            f" {MAX_KEY_LENGTH - len(storage_key(b'', session_id))} characters"
+        ) from exc
 
 
 def _classify(

@@ -13,9 +13,10 @@ from memsess.errors import ConnectionClosedError, InvalidKeyError, ProtocolError
 
 # fmt: off
 __all__ = [
-    "MAX_KEY_LENGTH", "MAX_LINE_LENGTH", "NEED_DATA", "ClientProtocol", "Command", "ErrorReply",
-    "Item", "NeedData", "Reply", "ReplyKind", "Status", "Values", "Version",
-    "add", "cas", "check_key", "delete", "get", "set", "touch", "version",
+    "MAX_KEY_LENGTH", "MAX_LINE_LENGTH", "MAX_STATS_LINES", "MAX_STATS_SIZE", "NEED_DATA",
+    "ClientProtocol", "Command", "ErrorReply", "Item", "MetaItem", "NeedData", "Reply",
+    "ReplyKind", "Stats", "Status", "Values", "Version",
+    "add", "cas", "check_key", "delete", "get", "meta_get", "set", "stats", "touch", "version",
 ]
 # fmt: on
 
@@ -25,6 +26,13 @@ MAX_KEY_LENGTH: Final = 250
 #: (h11's header limit is 16 KiB) leaves room for error messages while a peer that never
 #: sends \r\n cannot grow the buffer without bound.
 MAX_LINE_LENGTH: Final = 8192
+#: The most STAT lines one ``stats`` reply may carry. memcached 1.6 sends ~90 for plain
+#: ``stats`` (``stats settings`` ~70, ``stats slabs`` ~15 per slab class, 64 classes at
+#: most); past this a server streaming STAT lines forever is cut off, not buffered.
+MAX_STATS_LINES: Final = 4096
+#: The most bytes one ``stats`` reply may carry (its lines, \r\n included): 4096 lines
+#: of up to MAX_LINE_LENGTH each would still be 32 MiB.
+MAX_STATS_SIZE: Final = 1 << 20
 
 # protocol.txt: "the key must not include control characters or whitespace". memcached
 # itself takes control bytes other than space and \n, so this is the only guard against a
@@ -50,6 +58,8 @@ class ReplyKind(enum.Enum):
     DELETE = "DELETE"
     TOUCH = "TOUCH"
     VERSION = "VERSION"
+    STATS = "STATS"
+    META_GET = "META_GET"
 
     # Members are singletons compared by identity; hashing them by identity in C keeps
     # the per-reply table lookup off Enum's Python-level __hash__ (~0.1 us).
@@ -69,7 +79,12 @@ class Command(NamedTuple):
 
 
 _RETRIEVAL: Final = ReplyKind.RETRIEVAL
+_STATS: Final = ReplyKind.STATS
 _VERSION_COMMAND: Final = Command(b"version\r\n", ReplyKind.VERSION)
+_STATS_COMMAND: Final = Command(b"stats\r\n", _STATS)
+# The meta get's flags (protocol.txt, "Meta Get"): k the key, v the value, f the client
+# flags, t the seconds left (-1: never expires), c the cas unique; all in one reply.
+_META_GET_FLAGS: Final = b" k v f t c\r\n"
 
 
 def check_key(key: bytes) -> bytes:
@@ -154,6 +169,19 @@ def version() -> Command:
     return _VERSION_COMMAND
 
 
+def stats() -> Command:
+    """``stats``: replies Stats, the server's general-purpose counters (at most
+    MAX_STATS_LINES lines and MAX_STATS_SIZE bytes, else a ProtocolError)."""
+    return _STATS_COMMAND
+
+
+def meta_get(key: bytes) -> Command:
+    """``mg <key> k v f t c`` (memcached >= 1.6): value, flags, seconds left and cas unique
+    of one item in one reply, so they describe the same write. Replies a MetaItem, or
+    Status.NOT_FOUND; a server without meta commands answers ErrorReply("ERROR")."""
+    return Command(b"mg " + check_key(key) + _META_GET_FLAGS, ReplyKind.META_GET)
+
+
 class NeedData(enum.Enum):
     """The type of NEED_DATA: an enum of one member, so ``reply is NEED_DATA`` narrows types."""
 
@@ -218,7 +246,31 @@ class ErrorReply:
         return ServerError(self.kind, self.message)
 
 
-Reply: TypeAlias = Values | Status | Version | ErrorReply
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """The reply to ``stats``: each ``STAT <name> <value>`` line, in the server's order,
+    both as text (``{"curr_items": "3", "version": "1.6.18", ...}``)."""
+
+    entries: dict[str, str]
+
+    def number(self, name: str) -> int | None:
+        """The counter ``name`` as an int; None when absent or not a whole number."""
+        value = self.entries.get(name, "")
+        return int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else None
+
+
+class MetaItem(NamedTuple):
+    """The reply to meta_get for an item that exists: its value, client flags, seconds
+    left (``ttl``; -1 never expires) and cas unique, all as of the same moment."""
+
+    key: bytes
+    flags: int
+    value: bytes
+    ttl: int
+    cas: int
+
+
+Reply: TypeAlias = Values | Status | Version | ErrorReply | Stats | MetaItem
 
 
 def _words(*statuses: Status) -> dict[bytes, Status]:
@@ -247,11 +299,20 @@ class ClientProtocol:
     so that a late reply is never read as the answer to a later command.
     """
 
-    __slots__ = ("_asked", "_buffer", "_eof", "_error", "_expected", "_items", "_max_value_size")
+    __slots__ = (
+        "_asked",
+        "_buffer",
+        "_eof",
+        "_error",
+        "_expected",
+        "_items",
+        "_max_value_size",
+        "_stats",
+    )
 
     def __init__(self, *, max_value_size: int = 64 * 1024 * 1024) -> None:
-        """``max_value_size``: the longest value, in bytes, a get reply may carry (default
-        64 MiB); a longer one is a ProtocolError before its data is buffered."""
+        """``max_value_size``: the longest value, in bytes, a get or meta get reply may carry
+        (default 64 MiB); a longer one is a ProtocolError before its data is buffered."""
         self._max_value_size = _check_number("max_value_size", max_value_size, 2**63)
         self._buffer = bytearray()
         self._eof = False
@@ -259,6 +320,7 @@ class ClientProtocol:
         self._expected: deque[Command] = deque()
         self._items: list[Item] = []  # of the get being read, so none is parsed twice
         self._asked: list[bytes] | None = None  # keys of the get being read, once an item came
+        self._stats: _StatsReading | None = None  # of the stats reply being read
 
     @property
     def pending(self) -> int:
@@ -323,13 +385,19 @@ class ClientProtocol:
         raise ProtocolError(f"connection unusable since a protocol error: {error}") from error
 
     def _read_line_reply(self, kind: ReplyKind) -> Reply | NeedData:
+        try:
+            statuses = _STATUS_REPLIES[kind]
+        except KeyError:
+            # stats and meta get, the admin commands: found here, after the lookup a set
+            # needs anyway, they cost the session hot paths nothing.
+            return self._read_admin(self._expected[0])
         buf = self._buffer
         eol = buf.find(b"\r\n")
         if eol < 0 or eol > MAX_LINE_LENGTH:
             return _partial_line(buf, 0, eol)
         line = bytes(buf[:eol])
         del buf[: eol + 2]
-        status = _STATUS_REPLIES[kind].get(line)
+        status = statuses.get(line)
         if status is not None:
             return status
         # protocol.txt, "version": the server sends "VERSION <version>\r\n".
@@ -422,6 +490,127 @@ class ClientProtocol:
         if key not in asked:
             raise ProtocolError(f"an item under key {_excerpt(key)} that was not asked for")
 
+    # -- admin replies: stats, meta get (off the session hot path) --------------------------
+
+    def _read_admin(self, command: Command) -> Reply | NeedData:
+        if command.kind is _STATS:
+            return self._read_stats()
+        return self._read_meta_get(command)
+
+    def _read_stats(self) -> Stats | ErrorReply | NeedData:
+        # protocol.txt, "General-purpose statistics": "STAT <name> <value>\r\n" lines,
+        # then "END\r\n". Each complete line is parsed and dropped from the buffer as it
+        # comes, so what is held is bounded by MAX_STATS_LINES and MAX_STATS_SIZE.
+        buf = self._buffer
+        reading = self._stats
+        if reading is None:
+            reading = self._stats = _StatsReading()
+        pos = 0
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0 or eol - pos > MAX_LINE_LENGTH:
+                _partial_line(buf, pos, eol)
+                break
+            if not buf.startswith(b"STAT ", pos):
+                line = bytes(buf[pos:eol])
+                del buf[: eol + 2]
+                self._stats = None
+                return Stats(reading.entries) if line == b"END" else _error_reply(line, _STATS)
+            reading.add(bytes(buf[pos + 5 : eol]))
+            pos = eol + 2
+        del buf[:pos]
+        return NEED_DATA
+
+    def _read_meta_get(self, command: Command) -> MetaItem | Status | ErrorReply | NeedData:
+        # protocol.txt, "Meta Get": "VA <size> <flags>*\r\n<data block>\r\n" for a hit
+        # (v asked), "EN\r\n" for a miss (1.6.18 adds the k and O flags asked for).
+        buf = self._buffer
+        eol = buf.find(b"\r\n")
+        if eol < 0 or eol > MAX_LINE_LENGTH:
+            return _partial_line(buf, 0, eol)
+        asked = command.data[3 : -len(_META_GET_FLAGS)]  # past "mg "
+        if buf.startswith(b"VA "):
+            tokens = bytes(buf[3:eol]).split(b" ")
+            size_field = tokens[0]
+            if not size_field.isdigit() or len(size_field) > 10:
+                raise _malformed(buf, 0, eol, "VA")
+            size = int(size_field)
+            if size > self._max_value_size:
+                raise ProtocolError(
+                    f"a {size}-byte value exceeds max_value_size {self._max_value_size}"
+                )
+            flags, ttl, cas_unique = _meta_flags(tokens[1:], asked, bytes(buf[:eol]))
+            end = eol + 2 + size
+            if len(buf) < end + 2:
+                return NEED_DATA  # the VA line is read again then: one short line
+            if not buf.startswith(b"\r\n", end):
+                raise ProtocolError(f"a {size}-byte data block is not followed by \\r\\n")
+            with memoryview(buf) as view:
+                value = view[eol + 2 : end].tobytes()
+            del buf[: end + 2]
+            return MetaItem(asked, flags, value, ttl, cas_unique)
+        line = bytes(buf[:eol])
+        del buf[: eol + 2]
+        if line == b"EN" or line.startswith(b"EN "):
+            for token in line.split(b" ")[1:]:
+                if token[:1] == b"k" and token[1:] != asked:
+                    raise ProtocolError(f"a miss for key {_excerpt(token[1:])} not asked for")
+            return Status.NOT_FOUND
+        return _error_reply(line, ReplyKind.META_GET)
+
+
+class _StatsReading:
+    """The STAT lines of the stats reply being read, and what they have cost so far."""
+
+    __slots__ = ("entries", "lines", "size")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, str] = {}
+        self.lines = 0  # not len(entries): a name sent again and again must count too
+        self.size = 0
+
+    def add(self, body: bytes) -> None:
+        """One line's ``<name> <value>`` (past "STAT ")."""
+        self.lines += 1
+        self.size += len(body) + 7  # "STAT " and "\r\n"
+        if self.lines > MAX_STATS_LINES:
+            raise ProtocolError(f"a stats reply of more than {MAX_STATS_LINES} STAT lines")
+        if self.size > MAX_STATS_SIZE:
+            raise ProtocolError(f"a stats reply of more than {MAX_STATS_SIZE} bytes")
+        name, space, value = body.partition(b" ")
+        if not name or not space:
+            raise ProtocolError(f"malformed STAT line {_excerpt(b'STAT ' + body)}")
+        self.entries[name.decode("ascii", "replace")] = value.decode("ascii", "replace")
+
+
+def _meta_flags(tokens: list[bytes], asked: bytes, line: bytes) -> tuple[int, int, int]:
+    """The client flags, ttl and cas unique of a VA line's flag tokens; ProtocolError
+    unless each is there and valid and the ``k`` token is the key asked for."""
+    fields = {}
+    for token in tokens:
+        if not token:  # two spaces in a row, or one at the end
+            raise ProtocolError(f"malformed VA line {_excerpt(line)}")
+        fields[token[:1]] = token[1:]  # others (O, s, W, X, Z...) are let through
+    key, flags, ttl, cas_unique = (fields.get(flag) for flag in (b"k", b"f", b"t", b"c"))
+    if key is None or flags is None or ttl is None or cas_unique is None:
+        raise ProtocolError(f"malformed VA line {_excerpt(line)}: a flag asked for is missing")
+    if key != asked:
+        raise ProtocolError(f"an item under key {_excerpt(key)} that was not asked for")
+    ttl_digits = ttl[1:] if ttl[:1] == b"-" else ttl
+    if not (
+        flags.isdigit()
+        and len(flags) <= 10
+        and int(flags) <= _MAX_FLAGS
+        and cas_unique.isdigit()
+        and len(cas_unique) <= 20
+        and int(cas_unique) <= _MAX_CAS
+        and ttl_digits.isdigit()
+        and len(ttl_digits) <= 10
+        and ttl in (ttl_digits, b"-1")  # no sign, or the -1 of "never expires"
+    ):
+        raise ProtocolError(f"malformed VA line {_excerpt(line)}")
+    return int(flags), int(ttl), int(cas_unique)
+
 
 def _partial_line(buf: bytearray, pos: int, eol: int) -> NeedData:
     """NEED_DATA while the line at ``pos`` may still end within MAX_LINE_LENGTH."""
@@ -430,8 +619,8 @@ def _partial_line(buf: bytearray, pos: int, eol: int) -> NeedData:
     return NEED_DATA
 
 
-def _malformed(buf: bytearray, pos: int, eol: int) -> ProtocolError:
-    return ProtocolError(f"malformed VALUE line {_excerpt(bytes(buf[pos:eol]))}")
+def _malformed(buf: bytearray, pos: int, eol: int, word: str = "VALUE") -> ProtocolError:
+    return ProtocolError(f"malformed {word} line {_excerpt(bytes(buf[pos:eol]))}")
 
 
 def _error_reply(line: bytes, kind: ReplyKind) -> ErrorReply:

@@ -1,23 +1,35 @@
 """``memsess check`` and ``memsess inspect`` driven as a user would: a subprocess against
-real memcached servers, some of them killed or hung, output and exit status checked."""
+real memcached servers, some of them killed or hung, output and exit status checked; and
+against socket-level fakes that misbehave as no real memcached does (dripping a reply one
+byte at a time, streaming STAT lines forever), to pin that every command ends in time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from conftest import key_of, server_indexes
 
 from memsess import SessionStore
-from memsess.records import DATA, FLAGS, encode_record
+from memsess.protocol import MAX_STATS_LINES, MAX_STATS_SIZE
+from memsess.records import DATA, FLAGS, encode_record, storage_key
 from memsess.serializers import MSGPACK
 from memsess.testing import LocalCluster
 
 MARKER = "marker-7f3c-secret-contents"
+TIMEOUT = 0.5  # seconds: the DSN timeout of the tests against fakes
+#: What a command may take past its servers' timeout: interpreter start-up (~0.2 s here),
+#: the other servers' round trips, a busy 2-core host. A command that did not end at the
+#: timeout would take the subprocess's 30 s.
+SLACK = 1.5
 
 
 def memsess(*args: str) -> subprocess.CompletedProcess[str]:
@@ -152,11 +164,62 @@ def test_check_shows_progress_while_a_hung_server_is_waited_for(
     assert hung_row.split()[-1] == "suspect"  # one straggler: memsess still uses it
 
 
-def test_check_rejects_a_malformed_dsn_with_status_2(cluster: LocalCluster) -> None:
-    result = memsess("check", f"tcp://{cluster.servers[0].address}?weight=0")
-    assert result.returncode == 2
+def test_check_and_inspect_speak_tls_and_authenticate_as_the_dsn_says() -> None:
+    # The CLI goes through memsess's own transport: whatever a DSN can ask of it (tls://,
+    # user:password@), the admin commands do too.
+    with LocalCluster(2, tls=True, auth=("operator", "pa55word")) as secure:
+        dsn = secure.dsn(timeout=TIMEOUT)
+        assert dsn.startswith("tls://operator:pa55word@")
+        store = SessionStore.from_dsn(dsn, redundancy=2)
+        sid = store.new_id()
+        store.save(sid, {"secret": MARKER}, ttl=600)
+        check = memsess("check", dsn)
+        result, out = inspect(dsn, sid)
+        refused = memsess("check", dsn.replace("pa55word", "wrong"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert all(row(check.stdout, s.address).split()[1] == "yes" for s in secure.servers)
+    assert result.returncode == 0, out + result.stderr
+    assert [row(out, s.address).split()[3] for s in secure.servers] == ["current"] * 2
+    assert refused.returncode == 2
+    assert "refused the credentials of user 'operator'" in row(
+        refused.stdout, secure.servers[0].address
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], command: str) -> str:
+    """The single stderr line of a command that refused its command line."""
     assert result.stdout == ""
-    assert "weight must be an integer >= 1" in result.stderr
+    assert result.stderr.startswith(f"memsess {command}: ")
+    assert result.stderr.count("\n") == 1, result.stderr  # no traceback
+    return result.stderr
+
+
+def test_check_rejects_a_malformed_dsn_with_status_3_unknown(cluster: LocalCluster) -> None:
+    # Nagios: 3 is UNKNOWN. A typo in the monitor's own configuration is not the cluster
+    # being CRITICAL (2), which would page someone for the wrong reason.
+    result = memsess("check", f"tcp://{cluster.servers[0].address}?weight=0")
+    assert result.returncode == 3
+    assert "weight must be an integer >= 1" in one_line_error(result, "check")
+    assert memsess("check", "tcp://127.0.0.1:11211", "--redundancy", "0").returncode == 3
+
+
+def test_a_host_that_does_not_resolve_is_a_usage_error_of_one_line(dsn: str) -> None:
+    unresolvable = f"{dsn}, tcp://no-such-host.invalid:11211"
+    check = memsess("check", unresolvable)
+    assert check.returncode == 3
+    assert "no-such-host.invalid:11211: cannot resolve host" in one_line_error(check, "check")
+    result, _ = inspect(unresolvable, SessionStore.new_id())
+    assert result.returncode == 2  # inspect's usage error: its 3 means "no server holds it"
+    assert "cannot resolve host" in one_line_error(result, "inspect")
+
+
+@pytest.mark.parametrize("prefix", ["sessiön:", "a b:", "a\x01", "p" * 211])
+def test_inspect_refuses_a_key_prefix_memcached_cannot_take_in_one_line(
+    dsn: str, prefix: str
+) -> None:
+    result, _ = inspect(dsn, SessionStore.new_id(), "--key-prefix", prefix)
+    assert result.returncode == 2
+    assert "--key-prefix" in one_line_error(result, "inspect")
 
 
 # -- inspect --------------------------------------------------------------------------------
@@ -321,3 +384,218 @@ def test_inspect_flags_a_copy_outside_the_replica_set_as_extra(
     assert row(out, first).split()[:4] == ["replica", "1", first, "current"]
     assert row(out, second).split()[:3] == ["extra", second, "current"]
     assert "extra: a copy outside the replica set for redundancy 1" in out
+
+
+# -- misbehaving servers: every command ends within its timeout ---------------------------
+
+#: A fake server's answer to one command line: chunks to send, and pauses in seconds.
+Script = Callable[[bytes], Iterator[bytes | float]]
+
+
+class FakeServer:
+    """A memcached impostor on 127.0.0.1 that answers each command line by ``script``,
+    one thread per connection; ``sent`` counts the bytes it got out. Stops when the
+    client goes away or the test ends."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.sent = 0
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets = [self._listener]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+
+    def __enter__(self) -> FakeServer:
+        self._threads[0].start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for sock in self._sockets:  # wakes the threads blocked in accept, recv or send
+            with contextlib.suppress(OSError):  # not connected (any more)
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffer = b""
+        try:
+            while data := conn.recv(65536):
+                buffer += data
+                while b"\r\n" in buffer:
+                    line, _, buffer = buffer.partition(b"\r\n")
+                    for step in self.script(line):
+                        if isinstance(step, float):
+                            if self._stop.wait(step):
+                                return
+                        else:
+                            conn.sendall(step)
+                            self.sent += len(step)
+        except OSError:
+            return  # the client hung up: it gave up on us
+
+
+def drip_forever(line: bytes) -> Iterator[bytes | float]:
+    """A reply that never ends, one byte every 20 ms: each recv gets a byte, no recv ever
+    waits the timeout out, and the line stays far below MAX_LINE_LENGTH."""
+    yield b"VERSION 1."
+    while True:
+        yield 0.02
+        yield b"6"
+
+
+def healthy_but(stats: Callable[[], Iterator[bytes | float]]) -> Script:
+    """A server that answers version and gets like memcached (no items) and stats by
+    ``stats``."""
+
+    def script(line: bytes) -> Iterator[bytes | float]:
+        if line == b"stats":
+            yield from stats()
+        elif line == b"version":
+            yield b"VERSION 1.6.18\r\n"
+        else:
+            yield b"END\r\n"
+
+    return script
+
+
+def stat_lines_flood() -> Iterator[bytes | float]:
+    block = b"".join(b"STAT n%d 1\r\n" % i for i in range(4000))
+    while True:
+        yield block
+
+
+def stat_lines_slowly() -> Iterator[bytes | float]:
+    while True:
+        yield b"STAT n 1\r\n"
+        yield 0.01  # 4096 lines would take 41 s: only the deadline can end this
+
+
+def timed(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    result = memsess(*args)
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        (drip_forever, f"no: no reply within {TIMEOUT:g} s"),
+        (healthy_but(stat_lines_slowly), f"no: no reply within {TIMEOUT:g} s"),
+        (healthy_but(stat_lines_flood), f"no: a stats reply of more than {MAX_STATS_LINES}"),
+    ],
+    ids=["drip", "slow-stat-lines", "endless-stat-lines"],
+)
+def test_check_of_a_misbehaving_server_ends_at_its_timeout_and_says_it_failed(
+    cluster: LocalCluster, script: Script, reason: str
+) -> None:
+    with FakeServer(script) as fake:
+        dsn = f"{cluster.dsn(timeout=TIMEOUT)}, tcp://{fake.address}?timeout={TIMEOUT}"
+        result, elapsed = timed("check", dsn)
+        sent = fake.sent
+    assert elapsed < TIMEOUT + SLACK
+    assert result.returncode == 1  # one server down, redundancy 2 still met
+    assert reason in row(result.stdout, fake.address)
+    assert f"DEGRADED: down: {fake.address}" in result.stdout
+    # It stopped reading: what the fake got out is what the parser took plus socket buffers.
+    assert sent < 16 * MAX_STATS_SIZE
+
+
+def test_inspect_of_a_dripping_server_ends_at_its_timeout(cluster: LocalCluster) -> None:
+    with FakeServer(drip_forever) as fake:
+        dsn = f"tcp://{cluster.servers[0].address}?timeout={TIMEOUT}, tcp://{fake.address}"
+        dsn += f"?timeout={TIMEOUT}"
+        (result, _), elapsed = timed_inspect(dsn, SessionStore.new_id(), "--redundancy", "2")
+    assert elapsed < TIMEOUT + SLACK
+    assert result.returncode == 1  # a copy unreadable: not "absent" (3), which it may hold
+    dripping = row(result.stdout, fake.address)
+    assert "unreachable" in dripping
+    assert f"no reply within {TIMEOUT:g} s" in dripping
+
+
+def timed_inspect(
+    dsn: str, sid: str, *options: str
+) -> tuple[tuple[subprocess.CompletedProcess[str], str], float]:
+    started = time.monotonic()
+    outcome = inspect(dsn, sid, *options)
+    return outcome, time.monotonic() - started
+
+
+def test_inspect_falls_back_to_get_on_a_server_without_meta_commands() -> None:
+    sid = SessionStore.new_id()
+    key = storage_key(b"memsess:", sid)
+    record = encode_record(1_000_000, DATA, MSGPACK.id, MSGPACK.dumps({"secret": MARKER}))
+
+    def memcached_1_5(line: bytes) -> Iterator[bytes | float]:
+        if line == b"get " + key:
+            yield b"VALUE %b %d %d\r\n%b\r\nEND\r\n" % (key, FLAGS, len(record), record)
+        else:
+            yield b"ERROR\r\n"  # mg is an unknown command there
+
+    with FakeServer(memcached_1_5) as fake:
+        result, out = inspect(f"tcp://{fake.address}", sid, "--redundancy", "1", "--show-data")
+    assert result.returncode == 0, result.stderr
+    cells = row(out, fake.address).split()
+    assert cells[3:6] == ["current", "data", "1000000"]
+    assert cells[-1] == "-"  # the lifetime is unknown without mg
+    assert out.count(MARKER) == 1
+
+
+def test_check_reports_a_silent_or_garbled_udp_listener_within_its_wait(
+    cluster: LocalCluster,
+) -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never read
+    garbled = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    done = threading.Event()
+
+    def answer_garbled() -> None:
+        # Every request (the health probe's gets may come too) gets a stray datagram
+        # (another request id), which is skipped, then a reply to the very request that
+        # answers no memcached command.
+        while not done.is_set():
+            try:
+                datagram, peer = garbled.recvfrom(2048)
+            except TimeoutError:
+                continue
+            stray = bytes([datagram[0] ^ 1]) + datagram[1:8] + b"VERSION 1.6.18\r\n"
+            garbled.sendto(stray, peer)
+            garbled.sendto(datagram[:8] + b"STORED\r\n", peer)
+
+    with silent, garbled:
+        silent.bind(("127.0.0.1", 0))
+        garbled.bind(("127.0.0.1", 0))
+        garbled.settimeout(0.05)
+        answerer = threading.Thread(target=answer_garbled, daemon=True)
+        answerer.start()
+        servers = [server.address for server in cluster.servers]
+        ports = [silent.getsockname()[1], garbled.getsockname()[1]]
+        dsn = ", ".join(
+            [f"tcp://{servers[i]}?timeout={TIMEOUT}&udp_port={ports[i]}" for i in (0, 1)]
+            + [f"tcp://{servers[2]}?timeout={TIMEOUT}"]
+        )
+        try:
+            result, elapsed = timed("check", dsn, "--json")
+        finally:
+            done.set()
+            answerer.join(timeout=5)
+    report = json.loads(result.stdout)
+    assert [s["udp"] for s in report["servers"]] == [
+        f"off (no reply within {TIMEOUT:g} s)",
+        "off (bad reply)",
+        "not configured",
+    ]
+    assert result.returncode == 1
+    assert elapsed < TIMEOUT + SLACK

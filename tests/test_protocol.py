@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 
@@ -19,13 +20,18 @@ from hypothesis import strategies as st
 from memsess import protocol
 from memsess.errors import ConnectionClosedError, InvalidKeyError, ProtocolError, ServerError
 from memsess.protocol import (
+    MAX_LINE_LENGTH,
+    MAX_STATS_LINES,
+    MAX_STATS_SIZE,
     NEED_DATA,
     ClientProtocol,
     Command,
     ErrorReply,
     Item,
+    MetaItem,
     Reply,
     ReplyKind,
+    Stats,
     Status,
     Values,
     Version,
@@ -73,6 +79,8 @@ def test_builders_produce_exact_bytes() -> None:
     assert protocol.delete(b"k") == Command(b"delete k\r\n", ReplyKind.DELETE)
     assert protocol.touch(b"k", 1440) == Command(b"touch k 1440\r\n", ReplyKind.TOUCH)
     assert protocol.version() == Command(b"version\r\n", ReplyKind.VERSION)
+    assert protocol.stats() == Command(b"stats\r\n", ReplyKind.STATS)
+    assert protocol.meta_get(b"k") == Command(b"mg k k v f t c\r\n", ReplyKind.META_GET)
 
 
 @pytest.mark.parametrize(
@@ -116,6 +124,7 @@ BUILDERS: list[Callable[[bytes], Command]] = [
     lambda key: protocol.cas(key, b"v", 1),
     protocol.delete,
     lambda key: protocol.touch(key, 1),
+    protocol.meta_get,
 ]
 
 
@@ -165,6 +174,40 @@ REPLIES = [
         b"CLIENT_ERROR bad data chunk\r\n",
         ErrorReply("CLIENT_ERROR", "bad data chunk"),
     ),
+    (
+        protocol.stats(),
+        b"STAT pid 25772\r\nSTAT version 1.6.18\r\nSTAT libevent 2.1.12-stable\r\n"
+        b"STAT rusage_user 0.000000\r\nSTAT odd value with spaces\r\nSTAT empty \r\nEND\r\n",
+        Stats(
+            {
+                "pid": "25772",
+                "version": "1.6.18",
+                "libevent": "2.1.12-stable",
+                "rusage_user": "0.000000",
+                "odd": "value with spaces",
+                "empty": "",
+            }
+        ),
+    ),
+    (protocol.stats(), b"END\r\n", Stats({})),
+    (
+        protocol.stats(),
+        b"STAT pid 1\r\nSERVER_ERROR out of memory\r\n",
+        ErrorReply("SERVER_ERROR", "out of memory"),
+    ),
+    (
+        protocol.meta_get(b"k"),
+        b"VA 24 kk f5 t100 c7\r\n" + TRICKY_VALUE + b"\r\n",
+        MetaItem(b"k", 5, TRICKY_VALUE, 100, 7),
+    ),
+    (  # flags in any order, ones not asked for (O, s, W) let through, -1: never expires
+        protocol.meta_get(b"k"),
+        b"VA 0 t-1 W c18446744073709551615 O123 s0 f4294967295 kk\r\n\r\n",
+        MetaItem(b"k", 2**32 - 1, b"", -1, 2**64 - 1),
+    ),
+    (protocol.meta_get(b"k"), b"EN\r\n", Status.NOT_FOUND),
+    (protocol.meta_get(b"k"), b"EN kk\r\n", Status.NOT_FOUND),  # memcached 1.6.18 adds k
+    (protocol.meta_get(b"k"), b"ERROR\r\n", ErrorReply("ERROR", "")),  # memcached < 1.6
     (
         protocol.set(b"k", b"v"),
         b"SERVER_ERROR object too large for cache\r\n",
@@ -243,6 +286,37 @@ MALFORMED = [
     (protocol.version(), b"\r\n"),
     (protocol.version(), b"y" * 9000 + b"\r\n"),
     (protocol.get(b"k"), b"VALUE other 0 1\r\nx\r\nEND\r\n"),  # see UNASKED
+    (protocol.stats(), b"STAT\r\n"),
+    (protocol.stats(), b"STAT \r\n"),  # no name
+    (protocol.stats(), b"STAT  1\r\n"),
+    (protocol.stats(), b"STAT pid\r\n"),  # no value
+    (protocol.stats(), b"STATS pid 1\r\nEND\r\n"),
+    (protocol.stats(), b"STAT pid 1\r\nEND \r\n"),
+    (protocol.stats(), b"STAT pid 1\r\nVALUE k 0 1\r\nx\r\nEND\r\n"),
+    (protocol.stats(), b"STAT pid " + b"1" * 9000 + b"\r\n"),
+    (protocol.meta_get(b"k"), b"HD kk f0 t1 c1\r\n"),  # v was asked: VA or EN
+    (protocol.meta_get(b"k"), b"VALUE k 0 1\r\nx\r\nEND\r\n"),
+    (protocol.meta_get(b"k"), b"VA\r\n"),
+    (protocol.meta_get(b"k"), b"VA x kk f0 t1 c1\r\n"),
+    (protocol.meta_get(b"k"), b"VA -1 kk f0 t1 c1\r\n"),
+    (protocol.meta_get(b"k"), b"VA 11 kk f0 t1 c1\r\n"),  # over max_value_size (10)
+    (protocol.meta_get(b"k"), b"VA 1 f0 t1 c1\r\nx\r\n"),  # k asked for, not sent
+    (protocol.meta_get(b"k"), b"VA 1 kk t1 c1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f0 c1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f0 t1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk  f0 t1 c1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f0 t1 c1 \r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f-1 t1 c1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f4294967296 t1 c1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f0 t-2 c1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f0 t+1 c1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f0 t c1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f0 t1 c18446744073709551616\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"VA 1 kk f0 t1 c1\r\nxYZ"),  # no \r\n right after the block
+    (protocol.meta_get(b"k"), b"VA 1 kother f0 t1 c1\r\nx\r\n"),  # a late reply
+    (protocol.meta_get(b"k"), b"VA 1 kkk f0 t1 c1\r\nx\r\n"),
+    (protocol.meta_get(b"k"), b"EN kother\r\n"),
+    (protocol.meta_get(b"k"), b"z" * 9000),
 ]
 
 
@@ -472,3 +546,97 @@ def test_real_memcached_replies_parse(memcached_address: tuple[str, int]) -> Non
     assert too_large == ErrorReply("SERVER_ERROR", "object too large for cache")
     assert isinstance(version, Version)
     assert version.version.startswith("1.")
+
+
+# --- stats: bounded however the server streams it ------------------------------------
+
+
+def stat_lines(count: int, *, width: int = 1) -> bytes:
+    return b"".join(b"STAT n%d %b\r\n" % (i, b"v" * width) for i in range(count))
+
+
+def test_stats_of_exactly_the_line_limit_parse_and_one_more_line_is_refused() -> None:
+    (reply,) = parse([protocol.stats()], [stat_lines(MAX_STATS_LINES) + b"END\r\n"])
+    assert isinstance(reply, Stats)
+    assert len(reply.entries) == MAX_STATS_LINES
+    with pytest.raises(ProtocolError, match=f"more than {MAX_STATS_LINES} STAT lines"):
+        parse([protocol.stats()], [stat_lines(MAX_STATS_LINES + 1)])
+
+
+def test_a_stat_name_sent_again_and_again_counts_against_the_line_limit() -> None:
+    with pytest.raises(ProtocolError, match="STAT lines"):
+        parse([protocol.stats()], [b"STAT pid 1\r\n" * (MAX_STATS_LINES + 1)])
+
+
+def test_stats_over_the_size_limit_are_refused_before_the_line_limit() -> None:
+    width = 8000  # a line just under MAX_LINE_LENGTH: the size limit comes first
+    lines = MAX_STATS_SIZE // width + 1
+    assert lines < MAX_STATS_LINES
+    assert width < MAX_LINE_LENGTH
+    with pytest.raises(ProtocolError, match=f"more than {MAX_STATS_SIZE} bytes"):
+        parse([protocol.stats()], [stat_lines(lines, width=width)])
+
+
+def test_endless_stat_lines_stop_within_the_limit_and_hold_bounded_memory() -> None:
+    # A server streaming STAT lines forever, read 64 KiB at a time as the transport does.
+    chunk = stat_lines(2000, width=20)[: 64 * 1024]
+    proto = ClientProtocol()
+    proto.send(protocol.stats())
+    fed = 0
+
+    def feed_forever() -> None:
+        nonlocal fed
+        while fed < 100 * MAX_STATS_SIZE:
+            proto.receive_data(chunk)
+            fed += len(chunk)
+            assert proto.next_reply() is NEED_DATA
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="stats reply of more than"):
+            feed_forever()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert fed <= MAX_STATS_SIZE + len(chunk)
+    assert peak < 4 * MAX_STATS_SIZE  # the entries of at most MAX_STATS_LINES lines
+
+
+def test_stats_number_reads_whole_counters_only() -> None:
+    stats = Stats({"curr_items": "3", "rusage_user": "0.5", "odd": "\u00b2", "neg": "-1"})
+    assert stats.number("curr_items") == 3
+    assert [stats.number(name) for name in ("rusage_user", "odd", "neg", "absent")] == [None] * 4
+
+
+def test_a_meta_value_arriving_in_many_chunks() -> None:
+    value = os.urandom(1 << 20)
+    data = b"VA %d kbig f3 t-1 c9\r\n%b\r\n" % (len(value), value)
+    chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+    assert parse([protocol.meta_get(b"big")], chunks) == [MetaItem(b"big", 3, value, -1, 9)]
+
+
+def test_real_memcached_stats_and_meta_get(memcached_address: tuple[str, int]) -> None:
+    key = b"memsess-test:" + uuid.uuid4().hex.encode()
+    value = BINARY_VALUE + TRICKY_VALUE
+    stored, hit, missing, stats = round_trip(
+        memcached_address,
+        protocol.set(key, value, flags=7, exptime=60),
+        protocol.meta_get(key),
+        protocol.meta_get(key + b":other"),
+        protocol.stats(),
+    )
+    (gets,) = round_trip(memcached_address, protocol.get(key, cas=True))
+    assert stored is Status.STORED
+    assert missing is Status.NOT_FOUND
+    assert isinstance(hit, MetaItem)
+    assert isinstance(gets, Values)
+    assert (hit.key, hit.flags, hit.value, hit.cas) == (key, 7, value, gets.items[0].cas)
+    assert 59 <= hit.ttl <= 60
+    round_trip(memcached_address, protocol.set(key, b"v"))
+    (forever,) = round_trip(memcached_address, protocol.meta_get(key))
+    assert isinstance(forever, MetaItem)
+    assert forever.ttl == -1
+    assert isinstance(stats, Stats)
+    assert stats.entries["version"].startswith("1.6")
+    assert stats.number("curr_items") is not None
+    assert stats.number("limit_maxbytes")

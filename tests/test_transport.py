@@ -181,3 +181,54 @@ def test_waiting_for_a_slow_server_after_a_faster_deadline_passed_does_not_spin(
     assert isinstance(results[0], Values)
     assert isinstance(results[1], TimeoutError)
     assert spent < 0.2  # a spinning loop burns most of the 0.55 s it waits
+
+
+def test_a_server_that_never_stops_sending_still_ends_at_its_deadline(
+    fanout: Fanout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply streamed faster than this (CPU-starved) client reads it: a value announced
+    as 60 MB, from a process of its own. No poll is ever empty, yet the exchange ends at
+    its deadline, not when the server is done."""
+    import subprocess
+    import sys
+
+    from memsess.transport.exchange import Exchange
+
+    received = Exchange.data_received
+
+    def starved(self: Exchange, data: bytes) -> object:
+        time.sleep(0.002)  # each read costs this client 2 ms
+        return received(self, data)
+
+    monkeypatch.setattr(Exchange, "data_received", starved)
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    sender = subprocess.Popen(  # inherits the listener: accepts, reads, then streams
+        [
+            sys.executable,
+            "-c",
+            "import socket, sys\n"
+            "listener = socket.socket(fileno=int(sys.argv[1]))\n"
+            "conn, _ = listener.accept()\n"
+            "conn.recv(100)\n"
+            "try:\n"
+            "    conn.sendall(b'VALUE k 0 60000000\\r\\n')\n"
+            "    chunk = b'x' * 65536\n"
+            "    for _ in range(60000000 // 65536):\n"
+            "        conn.sendall(chunk)\n"
+            "except OSError:\n"
+            "    pass\n",
+            str(listener.fileno()),
+        ],
+        pass_fds=[listener.fileno()],
+    )
+    pool = ServerPool(ServerSpec("tcp", "127.0.0.1", listener.getsockname()[1], timeout=0.1))
+    try:
+        (result,) = fanout([pool], [get(b"k")])
+    finally:
+        listener.close()
+        sender.kill()
+        sender.wait()
+    assert isinstance(result, TimeoutError), result

@@ -266,6 +266,10 @@ class Fanout:
             # Only after a poll that found nothing ready: a reply that already arrived is
             # never thrown away because this thread ran late.
             self._expire(monotonic())
+        elif limit <= (now := monotonic()):
+            # A server that keeps sending (a reply dripped byte by byte, STAT lines without
+            # end) never leaves a poll empty: its deadline is its deadline all the same.
+            self._expire(now, cut=False)
 
     def _slot_deadline(self, slot: int) -> float:
         pending = self._udp[slot]
@@ -393,12 +397,13 @@ class Fanout:
         record_fallback(udp[0], cause)
         self._open_stream(slot)
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float, *, cut: bool = True) -> None:
+        """End the slots past their deadline and, with ``cut``, the stragglers."""
         for slot in list(self._by_fd.values()):
             exchange = self.exchanges[slot]
             udp = self._udp[slot]
             deadline = exchange.deadline if udp is None else udp[1].deadline
-            straggler = self._cut_of(slot) <= now < exchange.deadline
+            straggler = cut and self._cut_of(slot) <= now < exchange.deadline
             if not straggler and now < deadline:
                 continue
             if udp is None:
