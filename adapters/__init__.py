@@ -401,6 +401,10 @@ CONFIG_OPTIONS: Final = {
     "MEMSESS_KEY_PREFIX": "key_prefix",
     "MEMSESS_STRAGGLER_WINDOW": "straggler_window",
     "MEMSESS_MAX_ITEM_SIZE": "max_item_size",
+    "MEMSESS_SECRET_KEYS": "secret_keys",  # a list: the first key seals, all open
+    "MEMSESS_COMPRESS_THRESHOLD": "compress_threshold",
+    "MEMSESS_COMPRESSION": "compression",
+    "MEMSESS_MAX_SESSION_SIZE": "max_session_size",
 }
 #: The ``app.config`` key of the conflict policy (Flask and Quart): "merge" by default.
 CONFLICT_KEY: Final = "MEMSESS_ON_CONFLICT"

@@ -57,9 +57,10 @@ class SessionMiddleware:
     the ``websocket.http.response`` extension; elsewhere it is closed with code 1013).
 
     ``store``: an :class:`~memsess.AsyncSessionStore`, or ``dsn=`` a save_path to
-    build one with (closed at lifespan shutdown). ``max_age``: seconds a session
-    lives, in the store and in the cookie's Max-Age/Expires (default: the store's
-    ttl). ``same_site``: "lax", "strict", "none" (needs ``secure``) or None.
+    build one with (closed at lifespan shutdown), ``store_options`` its other options
+    (``redundancy``, ``secret_keys``, ``compress_threshold``, ...). ``max_age``: seconds
+    a session lives, in the store and in the cookie's Max-Age/Expires (default: the
+    store's ttl). ``same_site``: "lax", "strict", "none" (needs ``secure``) or None.
     ``expire_at_browser_close``: a cookie without Max-Age/Expires.
     """
 
@@ -69,6 +70,7 @@ class SessionMiddleware:
         store: AsyncSessionStore | None = None,
         *,
         dsn: str | None = None,
+        store_options: Mapping[str, Any] | None = None,
         cookie_name: str = "session",
         max_age: float | None = None,
         path: str = "/",
@@ -83,6 +85,8 @@ class SessionMiddleware:
     ) -> None:
         if (store is None) == (dsn is None):
             raise TypeError("SessionMiddleware takes a store or a dsn, not both nor neither")
+        if store is not None and store_options:
+            raise TypeError("store_options go with dsn=; a store given is built already")
         if same_site not in _SAME_SITE:
             raise ValueError(
                 f'same_site must be "lax", "strict", "none" or None, not {same_site!r}'
@@ -90,7 +94,8 @@ class SessionMiddleware:
         ttl = None if max_age is None else lifetime_seconds(max_age, name="max_age")
         self.owns_store = store is None
         if store is None:
-            store = AsyncSessionStore.from_dsn(str(dsn), **({} if ttl is None else {"ttl": ttl}))
+            options = dict(store_options or {}) | ({} if ttl is None else {"ttl": ttl})
+            store = AsyncSessionStore.from_dsn(str(dsn), **options)
         self.app, self.store, self.lazy, self.refresh = app, store, lazy, refresh
         self.on_conflict = conflict_policy(on_conflict)
         self.cookie = SessionCookie(

@@ -51,6 +51,10 @@ OPTIONS: Final = {
     "KEY_PREFIX": "key_prefix",
     "STRAGGLER_WINDOW": "straggler_window",
     "MAX_ITEM_SIZE": "max_item_size",
+    "SECRET_KEYS": "secret_keys",  # a list: the first key seals, all open
+    "COMPRESS_THRESHOLD": "compress_threshold",
+    "COMPRESSION": "compression",  # "zlib" (default) or "zstd"
+    "MAX_SESSION_SIZE": "max_session_size",
 }
 
 _stores: dict[tuple[Any, ...], MemsessStore] = {}
@@ -80,7 +84,12 @@ def get_store() -> MemsessStore:
     unknown = set(config) - set(OPTIONS) - {"SAVE_PATH", "ON_CONFLICT"}
     if unknown:
         raise ImproperlyConfigured(f"memsess: unknown SESSION_MEMSESS keys {sorted(unknown)}")
-    options = {OPTIONS[key]: value for key, value in config.items() if key in OPTIONS}
+    # Lists as tuples: the options are also the key of the store cache (hashable).
+    options = {
+        OPTIONS[key]: tuple(value) if isinstance(value, list) else value
+        for key, value in config.items()
+        if key in OPTIONS
+    }
     options["ttl"] = lifetime_seconds(settings.SESSION_COOKIE_AGE, name="SESSION_COOKIE_AGE")
     cache_key = (config["SAVE_PATH"], *sorted(options.items()))
     store = _stores.get(cache_key)

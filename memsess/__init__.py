@@ -9,6 +9,7 @@ from memsess.aio import AsyncSessionStore
 from memsess.cluster import ServerStatus
 from memsess.dsn import ServerSpec, parse_dsn
 from memsess.errors import (
+    AuthenticationError,
     ClusterError,
     ConnectError,
     ConnectionClosedError,
@@ -25,15 +26,18 @@ from memsess.errors import (
     SessionLockError,
     SessionTooLargeError,
     TimeoutError,
+    TlsError,
     TransportError,
     WriteError,
 )
+from memsess.sealing import generate_key
 from memsess.store import SessionStore, Snapshot
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncSessionStore",
+    "AuthenticationError",
     "ClusterError",
     "ConnectError",
     "ConnectionClosedError",
@@ -54,8 +58,10 @@ __all__ = [
     "SessionTooLargeError",
     "Snapshot",
     "TimeoutError",
+    "TlsError",
     "TransportError",
     "WriteError",
     "__version__",
+    "generate_key",
     "parse_dsn",
 ]

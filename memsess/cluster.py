@@ -34,7 +34,6 @@ from memsess.health import (
 from memsess.metrics import Metrics
 from memsess.protocol import Command, ErrorReply, Status, Values, Version
 from memsess.records import VersionClock
-from memsess.transport.tls import TlsClient
 from memsess.transport import (
     DatagramLostError,
     Fanout,
@@ -45,6 +44,7 @@ from memsess.transport import (
     UdpRoutes,
     WaitRule,
 )
+from memsess.transport.tls import TlsClient
 
 __all__ = ["Cluster", "ServerStatus"]
 

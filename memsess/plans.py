@@ -20,6 +20,7 @@ from memsess.metrics import Metrics
 from memsess.protocol import Command, ErrorReply, ReplyKind, Status, Values
 from memsess.records import FLAGS, Record
 from memsess.rules import AllAnswers, Copy, ReadRule, WriteRule
+from memsess.sealing import Sealer
 from memsess.transport import Result, WaitRule
 
 __all__ = ["LOCK_SUFFIX", "MARKER_SUFFIX", "Conflict", "Found", "Plans", "Step"]
@@ -35,7 +36,11 @@ _STORAGE: Final = ReplyKind.STORAGE
 MARKER_SUFFIX: Final = b"missed-writes"
 _CONFLICT_ROUNDS: Final = 3  # cas retries of one save against concurrent writers
 _CONFLICTS: Final = frozenset({Status.EXISTS, Status.NOT_STORED, Status.NOT_FOUND})
-#: A session's lock lives under its storage key plus this, on its replica set.
+#: A session's lock lives under its storage key plus this, on its replica set. Its value
+#: is a random token, never sealed (secret_keys): whoever can write to memcached can
+#: delete a lock as easily as plant one, so sealing would stop nothing. A lock keeps
+#: well-behaved requests apart; a forged one only makes them wait (SessionLockError) or
+#: run at once, and their saves stay conditional, versioned and sealed.
 LOCK_SUFFIX: Final = b".lock"
 # An exptime over 30 days is a Unix time; one in 1970 expires the item at once: what a
 # release writes with cas (memcached's classic delete takes no cas token).
@@ -82,7 +87,11 @@ def guarded_write(key: bytes, raw: bytes, token: int | None, exptime: int) -> Co
 class Plans:
     """The plans of one store. ``exptime(ttl)`` turns seconds into memcached's exptime;
     ``missed(key, servers)`` is told of copies a write could not store (for repair),
-    ``degraded()`` of a request that found a server of its replica set down."""
+    ``degraded()`` of a request that found a server of its replica set down; ``sealer``
+    opens the records read (None: the store seals none, see memsess.sealing).
+
+    Records are moved only under their own key (a repair copies a copy's bytes as they
+    are), which keeps a sealed record valid: sealing binds it to its key."""
 
     def __init__(
         self,
@@ -93,8 +102,10 @@ class Plans:
         exptime: Callable[[int | None], int],
         missed: Callable[[bytes, list[int]], None],
         degraded: Callable[[], None],
+        sealer: Sealer | None = None,
     ) -> None:
         self.cluster = cluster
+        self.sealer = sealer
         self.metrics = metrics
         self.marker = protocol.check_key(key_prefix + MARKER_SUFFIX)
         self._marker_suffix = b" " + self.marker + b"\r\n"
@@ -138,7 +149,9 @@ class Plans:
                     asked = [False] * len(targets)
                 asked[slot] = True
                 batch[slot] = (index, Command(b"gets " + key + self._marker_suffix, _RETRIEVAL))
-        rule = ReadRule(self.cluster, targets, key, marker_asked=asked, patient=patient)
+        rule = ReadRule(
+            self.cluster, targets, key, marker_asked=asked, patient=patient, sealer=self.sealer
+        )
         results = yield Step(batch, rule)
         newest: Record | None = None
         newest_raw = b""
@@ -293,7 +306,7 @@ class Plans:
         with ``cas`` on what was just read, so a logout landing in between still wins
         (and, with ``raise_on_save``, a save made since the load raises Conflict)."""
         command = protocol.get(key, cas=True)
-        rule = ReadRule(self.cluster, conflicts, key)
+        rule = ReadRule(self.cluster, conflicts, key, sealer=self.sealer)
         yield Step([(i, command) for i in conflicts], rule)
         logged_out = [
             copy

@@ -17,6 +17,7 @@ from memsess.cluster import Cluster
 from memsess.errors import MemsessError
 from memsess.protocol import Item, Values
 from memsess.records import Record, decode_record
+from memsess.sealing import Sealer
 from memsess.transport import Result
 
 __all__ = ["MARKER_MAX_AGE", "AllAnswers", "Copy", "ReadRule", "WriteRule"]
@@ -67,7 +68,7 @@ class ReadRule(_Rule):
     """Reads: conclusive once a trusted copy is in (then the rest get their straggler
     window), else only when every live copy has answered or failed."""
 
-    __slots__ = ("_key", "_marker_asked", "_patient", "copies")
+    __slots__ = ("_key", "_marker_asked", "_patient", "_sealer", "copies")
 
     def __init__(
         self,
@@ -77,10 +78,13 @@ class ReadRule(_Rule):
         *,
         marker_asked: list[bool] | None = None,
         patient: bool = False,
+        sealer: Sealer | None = None,
     ) -> None:
         """``marker_asked``: per server, whether its command also asked for the marker
         (then its answer, or its absence, refreshes the cluster's copy of it).
-        ``patient``: never end early (a repair pass wants every copy's answer)."""
+        ``patient``: never end early (a repair pass wants every copy's answer).
+        ``sealer``: the store's secret keys: only a record sealed for ``key`` is a copy
+        (anything else, plain records included, is corrupt); None: no sealed record is."""
         # _Rule.__init__ inlined: one is made for every read.
         count = len(servers)
         self._cluster = cluster
@@ -91,6 +95,7 @@ class ReadRule(_Rule):
         self._key = key
         self._marker_asked = marker_asked
         self._patient = patient
+        self._sealer = sealer
         self.copies: list[Copy | None] = [None] * count
 
     def on_result(self, slot: int, result: Result, now: float) -> float:
@@ -126,8 +131,12 @@ class ReadRule(_Rule):
             found = items[0] if items else None
         if found is None:
             return Copy(None, b"", None, "", False)
+        sealer = self._sealer
         try:
-            record = decode_record(found.value, found.flags)
+            if sealer is None:
+                record = decode_record(found.value, found.flags)
+            else:  # authenticated before its version counts for anything
+                record = sealer.open_record(found.value, found.flags, self._key)
         except ValueError as exc:
             return Copy(None, found.value, found.cas, str(exc) or "unreadable", False)
         version = record.version

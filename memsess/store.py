@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -33,17 +34,22 @@ from memsess.plans import Conflict, Flow, Plans, Step, short
 from memsess.protocol import Status
 from memsess.records import (
     DATA,
+    DEFAULT_MAX_SESSION_SIZE,
     FLAGS,
     TOMBSTONE,
     Record,
     VersionClock,
+    codec_id,
+    compress,
     encode_record,
     is_valid_id,
     lifetime_seconds,
     new_id,
+    plain_payload,
     storage_key,
 )
 from memsess.rules import AllAnswers
+from memsess.sealing import Sealer
 from memsess.serializers import SERIALIZERS, Serializer, get_serializer
 from memsess.transport import Result
 
@@ -156,6 +162,29 @@ class SessionLock:
         self.release()
 
 
+def _with_credentials(
+    servers: Sequence[ServerSpec], username: str | None, password: str | None
+) -> Sequence[ServerSpec]:
+    """``servers``, with the store-wide credentials on those that have none of their own."""
+    if username is None and password is None:
+        return servers
+    if username is None or password is None:
+        raise ValueError("username and password go together: give both or neither")
+    return [
+        spec if spec.username is not None else replace(spec, username=username, password=password)
+        for spec in servers
+    ]
+
+
+def _byte_count(value: object, name: str, minimum: int) -> int:
+    """``value`` if it is a whole number of bytes of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number of bytes, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum} bytes, not {value}")
+    return value
+
+
 class StoreCore:
     """What the blocking :class:`SessionStore` and :class:`memsess.aio.AsyncSessionStore`
     share: the configuration, the cluster and its background thread, and every operation
@@ -171,6 +200,13 @@ class StoreCore:
         key_prefix: str = "memsess:",
         straggler_window: float | None = None,
         max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
+        secret_keys: Sequence[str | bytes] | None = None,
+        compress_threshold: int | None = None,
+        compression: str = "zlib",
+        max_session_size: int = DEFAULT_MAX_SESSION_SIZE,
+        ssl_context: ssl.SSLContext | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         """``redundancy``: copies of each session (default 2, or fewer when the
         DSN lists fewer servers). ``ttl``: seconds a session lives after its
@@ -178,13 +214,45 @@ class StoreCore:
         seconds, memcached's unit). ``straggler_window``: seconds the copies still
         silent get once the others' answers are conclusive (default: adapted to
         each server's latency, see docs/consistency.md). ``max_item_size``: the
-        servers' ``-I`` item size in bytes (default 1 MiB)."""
+        servers' ``-I`` item size in bytes (default 1 MiB).
+
+        ``secret_keys``: seal every record written (AES-256-GCM, see memsess.sealing)
+        with the first of these keys (each a str of 32+ characters or 32+ bytes, e.g.
+        from :func:`memsess.generate_key`); records sealed with any of them open, and
+        nothing else reads as a session. Default None: records are plain, and a sealed
+        one reads as no session. ``compress_threshold``: compress the serialized data
+        of sessions larger than this many bytes (default None: never), with
+        ``compression`` "zlib" (default) or "zstd" (the ``zstd`` extra); both are read
+        whatever the option says. ``max_session_size``: the largest serialized session
+        in bytes (default 16 MiB): a larger save raises SessionTooLargeError, and a
+        compressed copy that expands past it reads as no session (a decompression bomb
+        costs at most this much memory).
+
+        ``ssl_context``: the client context for every ``tls://`` server, for what its
+        DSN entry cannot say (default: built from the entry's ``tls_*`` parameters).
+        ``username``/``password``: memcached ASCII authentication (``-Y``) for every
+        server whose DSN entry has no ``user:password@`` of its own."""
+        servers = _with_credentials(servers, username, password)
+        if ssl_context is not None and not any(spec.tls for spec in servers):
+            raise ValueError(
+                "ssl_context is given but no server is reached over TLS: write tls://host:port"
+            )
         if redundancy is None:
             redundancy = min(DEFAULT_REDUNDANCY, len(servers))
         self.ttl = lifetime_seconds(ttl)
         self.serializer = get_serializer(serializer)
         self.key_prefix = key_prefix.encode("ascii")
         self.max_value_size = max_item_size - _ITEM_OVERHEAD - len(self.key_prefix)
+        # Sealing and compression are off by default: a memsess older than them reads a
+        # sealed or compressed record as no session (a corrupt copy), so turning either
+        # on is a deliberate rollout step, once every process that reads these servers
+        # is new enough (see memsess.records).
+        self._sealer = None if secret_keys is None else Sealer(secret_keys)
+        if compress_threshold is not None:
+            compress_threshold = _byte_count(compress_threshold, "compress_threshold", 0)
+        self.compress_threshold = compress_threshold
+        self._codec = codec_id(compression)
+        self.max_session_size = _byte_count(max_session_size, "max_session_size", 1)
         self._metrics = Metrics()
         self._clock = VersionClock()
         self._cluster = Cluster(
@@ -193,11 +261,13 @@ class StoreCore:
             clock=self._clock,
             straggler_window=straggler_window,
             metrics=self._metrics,
+            ssl_context=ssl_context,
         )
         self._plans = Plans(
             self._cluster,
             self._metrics,
             key_prefix=self.key_prefix,
+            sealer=self._sealer,
             exptime=self._exptime,
             # Lambdas: the maintenance is built next, and runs these very plans.
             missed=lambda key, servers: self._maintenance.hint(key, servers),  # noqa: PLW0108
@@ -290,7 +360,7 @@ class StoreCore:
         self._metrics.add("saves")
         changes: Changes | None = None
         for round_ in range(_MERGE_ROUNDS):
-            version, record = self._encode(data, seconds)
+            version, record = self._encode(key, data, seconds)
             since = None if snapshot is None else (snapshot.version, dict(snapshot.tokens))
             try:
                 results = yield from self._plans.save(
@@ -326,11 +396,25 @@ class StoreCore:
             snapshot,
         )
 
-    def _encode(self, data: Mapping[str, Any], seconds: int) -> tuple[int, bytes]:
-        """A new version and the record of ``data`` under it."""
+    def _encode(self, key: bytes, data: Mapping[str, Any], seconds: int) -> tuple[int, bytes]:
+        """A new version and the record of ``data`` under it, to be stored under ``key``
+        (compressed and sealed as the store's options say)."""
         payload = self.serializer.dumps(data)
+        if len(payload) > self.max_session_size:
+            raise SessionTooLargeError(
+                f"session data is {len(payload)} bytes serialized, over max_session_size"
+                f" ({self.max_session_size} bytes); nothing was stored"
+            )
+        codec = 0
+        threshold = self.compress_threshold
+        if threshold is not None and len(payload) > threshold:
+            packed = compress(payload, self._codec)
+            if len(packed) < len(payload):  # else kept as it is: as small, and faster to read
+                payload, codec = packed, self._codec
         version = self._clock.tick()
-        record = encode_record(version, DATA, self.serializer.id, payload, ttl=seconds)
+        record = encode_record(version, DATA, self.serializer.id, payload, ttl=seconds, codec=codec)
+        if self._sealer is not None:
+            record = self._sealer.seal(key, record)
         if len(record) > self.max_value_size:
             raise SessionTooLargeError(
                 f"session data is {len(record)} bytes serialized, over the servers' item size"
@@ -361,6 +445,8 @@ class StoreCore:
             return
         key = storage_key(self.key_prefix, sid)
         tombstone = encode_record(self._clock.tick(), TOMBSTONE, self.serializer.id, ttl=self.ttl)
+        if self._sealer is not None:  # else anyone could forge the logout's version
+            tombstone = self._sealer.seal(key, tombstone)
         command = protocol.set(key, tombstone, flags=FLAGS, exptime=self._exptime(None))
         self._metrics.add("deletes")
         results = yield from self._plans.write(key, command)
@@ -455,7 +541,10 @@ class StoreCore:
         try:
             if serializer is None:
                 raise ValueError(f"unknown serializer id {record.serializer_id}")
-            return serializer.loads(record.payload)
+            payload = record.payload
+            if record.codec:  # bounded by max_session_size: a bomb reads as no session
+                payload = plain_payload(record, max_size=self.max_session_size)
+            return serializer.loads(payload)
         except ValueError as exc:
             self._metrics.add("corrupt_records")
             log.warning("undecodable session data for %s, read as no session: %s", short(key), exc)

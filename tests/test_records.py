@@ -13,16 +13,21 @@ from hypothesis import strategies as st
 from memsess.errors import SessionIdError
 from memsess.protocol import check_key
 from memsess.records import (
+    CODECS,
     DATA,
     FLAGS,
+    HEADER_SIZE,
     MAX_CLOCK_SKEW,
+    SEALED_PREFIX,
     TOMBSTONE,
     VersionClock,
+    compress,
     decode_record,
     encode_record,
     is_valid_id,
     lifetime_seconds,
     new_id,
+    plain_payload,
     storage_key,
 )
 
@@ -112,6 +117,61 @@ def test_flipping_any_payload_bit_is_detected() -> None:
         corrupt[position] ^= 0x01
         with pytest.raises(ValueError, match="checksum"):
             decode_record(bytes(corrupt), FLAGS)
+
+
+@given(
+    st.integers(1, NOW_US + SKEW_US),
+    st.binary(max_size=3000),
+    st.sampled_from(sorted(CODECS.values())),
+    st.integers(0, 2**32 - 1),
+)
+def test_compressed_records_round_trip(version: int, payload: bytes, codec: int, ttl: int) -> None:
+    packed = compress(payload, codec)
+    raw = encode_record(version, DATA, 1, packed, ttl=ttl, codec=codec)
+    assert raw[:2] == b"\xd5\x03"
+    record = decode_record(raw, FLAGS, now_us=NOW_US)
+    assert (record.version, record.kind, record.serializer_id, record.ttl) == (
+        version,
+        DATA,
+        1,
+        ttl,
+    )
+    assert (record.codec, record.payload) == (codec, packed)
+    assert plain_payload(record) == payload
+
+
+def test_uncompressed_records_stay_format_2_byte_for_byte() -> None:
+    raw = encode_record(5, DATA, 1, b"x", ttl=60)
+    assert raw == encode_record(5, DATA, 1, b"x", ttl=60, codec=0)
+    assert (raw[:2], len(raw)) == (b"\xd5\x02", HEADER_SIZE + 1)
+    record = decode_record(raw, FLAGS, now_us=NOW_US)
+    assert (record.codec, plain_payload(record)) == (0, b"x")
+
+
+_COMPRESSED = encode_record(1, DATA, 1, compress(b"payload" * 20, 1), ttl=60, codec=1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (encode_record(1, DATA, 1, b"x", codec=9), "unknown compression codec 9"),
+        (encode_record(1, TOMBSTONE, 1, b"", codec=1), "kind"),
+        (_COMPRESSED[:-1], "checksum"),
+        (_COMPRESSED[:20], "shorter than its header"),
+        (SEALED_PREFIX + bytes(40), "sealed record, and no secret_keys are configured"),
+    ],
+)
+def test_corrupt_compressed_and_unexpected_sealed_records_raise(raw: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        decode_record(raw, FLAGS, now_us=NOW_US)
+
+
+def test_flipping_any_bit_of_a_compressed_record_is_detected() -> None:
+    for position in range(len(_COMPRESSED)):
+        corrupt = bytearray(_COMPRESSED)
+        corrupt[position] ^= 0x01
+        with pytest.raises(ValueError, match=r"magic|kind|codec|checksum|impossible version"):
+            decode_record(bytes(corrupt), FLAGS, now_us=NOW_US)
 
 
 def test_clock_ticks_strictly_increase_and_pass_observed_versions() -> None:
