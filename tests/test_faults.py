@@ -98,7 +98,7 @@ def test_sessions_survive_a_single_fault(
     settle(store)
     check_all(store, live, gone)  # the returned server is read again, repaired
     check_all(store, live, gone)  # and nothing older ever wins afterwards
-    assert {s.state for s in store.health()} == {"up"}
+    assert {s.state for s in store.health()} == {"up"}, store.health()
 
 
 def test_logout_during_hang_stays_logged_out_after_resume(

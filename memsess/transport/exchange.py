@@ -210,6 +210,11 @@ class Exchange:
         is as slow as one that hangs on a command, and is cut off the same way."""
         return not self.out
 
+    @property
+    def handshaking(self) -> bool:
+        """Whether a TLS handshake still holds the command back."""
+        return bool(self._held)
+
     def connect_failed(self, code: int) -> MemsessError:
         return connect_error(self.spec, code)
 

@@ -13,10 +13,19 @@ from typing import Final
 
 from memsess.dsn import ServerSpec
 
-__all__ = ["TlsClient", "TlsLink", "client_context"]
+__all__ = ["HANDSHAKE_WINDOW", "TlsClient", "TlsLink", "client_context"]
 
 # Plaintext asked of one SSLObject.read(); a reply larger than this takes more calls.
 _READ_SIZE: Final = 65536
+
+#: Seconds a server has to answer a handshake's flight before a connection still
+#: handshaking may be cut off as a straggler (when the other copies have answered). A
+#: command's window adapts to the server's round trip, about a millisecond on a LAN; a
+#: handshake also costs the server key exchange and a signature, and a server that has
+#: just come back from a stall has a backlog of them. So a hung server costs a new
+#: connection this much, not its whole timeout, and a healthy one is never cut for the
+#: price of a handshake.
+HANDSHAKE_WINDOW: Final = 0.05
 
 
 def client_context(spec: ServerSpec, ssl_context: ssl.SSLContext | None = None) -> ssl.SSLContext:
@@ -113,9 +122,11 @@ class TlsLink:
             return b"".join(chunks) if chunks else None
         if chunks and not self._ticketed:
             # TLS 1.3 sends its session tickets after the handshake, so the session is
-            # worth keeping only once data has come back.
+            # worth keeping only once data has come back; and only from a full handshake
+            # (reading it out costs ~0.2 ms of CPU; a resumed one is kept already).
             self._ticketed = True
-            self._client.session = obj.session
+            if not obj.session_reused:
+                self._client.session = obj.session
         return b"".join(chunks)
 
     def pending(self) -> bytes:
