@@ -21,7 +21,11 @@ pinning never touch the next):
   (bench/loopstall.py);
 - ``concurrency``: what the conflict policies cost a request: round trips, wall
   and CPU of merge, overwrite and lock, and of a merge after a conflict
-  (bench/concurrency.py).
+  (bench/concurrency.py);
+- ``security``: what TLS, ASCII authentication, sealed records and compression
+  cost per load and save, beside plain TCP and pymemcache over TLS, and what a
+  new connection costs with a full and a resumed TLS handshake
+  (bench/security.py).
 
 ``--smoke`` runs every part with tiny counts in a few seconds and exits 1 if
 any part fails: for CI, it checks that everything runs, never how fast.
@@ -52,6 +56,7 @@ PARTS = (
     "aio",
     "loopstall",
     "concurrency",
+    "security",
 )
 
 

@@ -14,15 +14,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns its exit status (see ``memsess COMMAND --help``)."""
     parser = argparse.ArgumentParser(prog="memsess", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
+    demo = commands.add_parser(
         "demo", help="run 1000 sessions on 3 local memcached servers through single faults"
+    )
+    demo.add_argument(
+        "--secure",
+        action="store_true",
+        help="the same faults over TLS with ASCII authentication and sealed records"
+        " (needs pip install memsess[crypto])",
     )
     add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from memsess.demo import run_demo
 
-        return run_demo(sys.stdout)
+        return run_demo(sys.stdout, secure=args.secure)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

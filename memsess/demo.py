@@ -1,18 +1,21 @@
 """``memsess demo``: 1000 sessions on a local cluster of 3, through each single fault.
 
 For every fault it counts what a user would notice: sessions lost, stale
-reads, logged-out sessions that came back, and the slowest request.
+reads, logged-out sessions that came back, and the slowest request. With
+``--secure`` the servers speak TLS only and want a password (memcached -Z -Y),
+the records are sealed, and every stored byte is searched for session data.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from memsess.store import SessionStore
 from memsess.testing import LocalCluster
@@ -30,6 +33,27 @@ class Scenario:
     name: str
     fault: Callable[[LocalCluster], None]
     heal: Callable[[LocalCluster], None]
+
+
+@dataclass(frozen=True)
+class Security:
+    """How the demo reaches its servers and stores its records: plain by default."""
+
+    cluster: dict[str, Any] = field(default_factory=dict)
+    store: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def secure(cls) -> Security:
+        from memsess.sealing import generate_key
+
+        return cls(
+            cluster={"tls": True, "auth": ("demo", secrets.token_urlsafe(16))},
+            store={"secret_keys": [generate_key()]},
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cluster)
 
 
 SCENARIOS = (
@@ -51,6 +75,7 @@ class Tally:
     stale: int = 0
     resurrected: int = 0
     errors: int = 0
+    exposed: int = 0  # stored items in which session data could be read (--secure)
     latencies: list[float] = field(default_factory=list)
 
     @contextmanager
@@ -66,13 +91,14 @@ class Tally:
         return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
 
 
-def run_scenario(scenario: Scenario, out: TextIO) -> Tally:
+def run_scenario(scenario: Scenario, out: TextIO, security: Security | None = None) -> Tally:
     """Save, fault, write and log out during the fault, heal, read everything."""
+    security = Security() if security is None else security
     tally = Tally()
     started = time.perf_counter()
-    with LocalCluster(3) as cluster:
+    with LocalCluster(3, **security.cluster) as cluster:
         dsn = cluster.dsn(timeout=1, retry_interval=RETRY_INTERVAL)
-        with SessionStore.from_dsn(dsn, redundancy=REDUNDANCY) as store:
+        with SessionStore.from_dsn(dsn, redundancy=REDUNDANCY, **security.store) as store:
             sids = [store.new_id() for _ in range(SESSIONS)]
             for n, sid in enumerate(sids):
                 store.save(sid, {"user_id": n, "version": 1})
@@ -88,13 +114,27 @@ def run_scenario(scenario: Scenario, out: TextIO) -> Tally:
             time.sleep(RETRY_INTERVAL * 1.2)
             for n, sid in enumerate(sids):
                 _check(store, sid, n, sid in logged_out, tally)
-    wrong = tally.lost + tally.stale + tally.resurrected + tally.errors
+            if security.enabled:
+                tally.exposed = _exposed(cluster)
+    wrong = tally.lost + tally.stale + tally.resurrected + tally.errors + tally.exposed
     out.write(
         f"  {scenario.name}: {'ok' if not wrong else f'{wrong} wrong'}, {tally.ok}/{SESSIONS}"
         f" correct ({time.perf_counter() - started:.1f} s)\n"
     )
     out.flush()
     return tally
+
+
+def _exposed(cluster: LocalCluster) -> int:
+    """Stored items, on every server, in which a session's data shows in clear."""
+    exposed = 0
+    for i in range(cluster.n):
+        if cluster.servers[i].hung:
+            continue  # (the "hang" scenario reads everything back while it still hangs)
+        for key in cluster.keys(i):
+            raw = cluster.get_raw(i, key) or b""
+            exposed += b"user_id" in raw or b"version" in raw
+    return exposed
 
 
 def _during(store: SessionStore, sids: list[str], logged_out: set[str], tally: Tally) -> None:
@@ -146,28 +186,46 @@ class _Collect(logging.Handler):
         self.counts[record.msg] = self.counts.get(record.msg, 0) + 1
 
 
-def run_demo(out: TextIO = sys.stdout) -> int:
-    """Run every scenario and print the table; 0 when nothing was lost."""
+def run_demo(out: TextIO = sys.stdout, *, secure: bool = False) -> int:
+    """Run every scenario and print the table; 0 when nothing was lost. ``secure``: over
+    TLS with authentication, with sealed records (and no session data readable in any
+    stored byte)."""
     logger = logging.getLogger("memsess")
     collect = _Collect()
     logger.addHandler(collect)
     logger.setLevel(logging.INFO)
     try:
-        return _run_all(out, collect)
+        return _run_all(out, collect, Security.secure() if secure else Security())
     finally:
         logger.removeHandler(collect)
 
 
-def _run_all(out: TextIO, collect: _Collect) -> int:
+def _run_all(out: TextIO, collect: _Collect, security: Security) -> int:
     out.write(
         f"memsess demo: {SESSIONS} sessions, redundancy {REDUNDANCY}, 3 local memcached servers,"
         f" timeout 1 s, retry_interval {RETRY_INTERVAL:g} s.\nEach fault hits one server;"
         " sessions are updated and logged out during it, then all are read back after it heals.\n"
     )
+    if security.enabled:
+        out.write(
+            "Secure: TLS only with a password (memcached -Z -Y), sealed records (AES-256-GCM);"
+            " 'exposed' counts stored items where session data shows in clear.\n"
+        )
     start = time.perf_counter()
-    results = [(scenario, run_scenario(scenario, out)) for scenario in SCENARIOS]
+    results = [(scenario, run_scenario(scenario, out, security)) for scenario in SCENARIOS]
     out.write("\n")
-    header = ("fault", "correct", "lost", "stale", "resurrected", "errors", "p50 ms", "worst ms")
+    header: tuple[str, ...] = (
+        "fault",
+        "correct",
+        "lost",
+        "stale",
+        "resurrected",
+        "errors",
+        "p50 ms",
+        "worst ms",
+    )
+    if security.enabled:
+        header = (*header[:6], "exposed", *header[6:])
     rows = [
         (
             scenario.name,
@@ -176,6 +234,7 @@ def _run_all(out: TextIO, collect: _Collect) -> int:
             str(t.stale),
             str(t.resurrected),
             str(t.errors),
+            *([str(t.exposed)] if security.enabled else []),
             f"{t.percentile(0.5) * 1000:.2f}",
             f"{max(t.latencies) * 1000:.1f}",
         )
@@ -189,7 +248,7 @@ def _run_all(out: TextIO, collect: _Collect) -> int:
     out.write("\nWhat memsess logged (count, then the first line of each kind):\n")
     for template, line in collect.first.items():
         out.write(f"  {collect.counts[template]:5d}x {line}\n")
-    bad = sum(t.lost + t.stale + t.resurrected + t.errors for _, t in results)
+    bad = sum(t.lost + t.stale + t.resurrected + t.errors + t.exposed for _, t in results)
     out.write(
         f"\n{'all sessions correct' if not bad else f'{bad} wrong answers'}"
         f" ({time.perf_counter() - start:.1f} s)\n"
