@@ -405,6 +405,9 @@ CONFIG_OPTIONS: Final = {
     "MEMSESS_COMPRESS_THRESHOLD": "compress_threshold",
     "MEMSESS_COMPRESSION": "compression",
     "MEMSESS_MAX_SESSION_SIZE": "max_session_size",
+    "MEMSESS_USERNAME": "username",  # memcached -Y credentials, out of the save path
+    "MEMSESS_PASSWORD": "password",
+    "MEMSESS_SSL_CONTEXT": "ssl_context",  # an ssl.SSLContext for every tls:// server
 }
 #: The ``app.config`` key of the conflict policy (Flask and Quart): "merge" by default.
 CONFLICT_KEY: Final = "MEMSESS_ON_CONFLICT"

@@ -55,6 +55,9 @@ OPTIONS: Final = {
     "COMPRESS_THRESHOLD": "compress_threshold",
     "COMPRESSION": "compression",  # "zlib" (default) or "zstd"
     "MAX_SESSION_SIZE": "max_session_size",
+    "USERNAME": "username",  # memcached -Y credentials for entries without user:password@
+    "PASSWORD": "password",
+    "SSL_CONTEXT": "ssl_context",  # an ssl.SSLContext for every tls:// server
 }
 
 _stores: dict[tuple[Any, ...], MemsessStore] = {}

@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +28,17 @@ from memsess.admin import RawCopy, ServerCheck, check_server, probe_health, read
 from memsess.dsn import ServerSpec, parse_dsn
 from memsess.errors import ConnectError, DSNError, InvalidKeyError, MemsessError
 from memsess.protocol import MAX_KEY_LENGTH, check_key
-from memsess.records import TOMBSTONE, decode_record, is_valid_id, storage_key
+from memsess.records import (
+    FLAGS,
+    SEALED_PREFIX,
+    TOMBSTONE,
+    Record,
+    decode_record,
+    is_valid_id,
+    plain_payload,
+    storage_key,
+)
+from memsess.sealing import Sealer
 from memsess.serializers import SERIALIZERS
 from memsess.store import DEFAULT_REDUNDANCY, SessionStore
 
@@ -66,6 +78,10 @@ _INSPECT_EPILOG = """exit status: 0 every copy current; 1 a copy is stale, missi
 or unreadable; 2 malformed session id or usage error (nothing sent); 3 no server holds it"""
 
 
+#: Where ``inspect`` finds the keys that open sealed records.
+SECRET_KEYS_ENV: Final = "MEMSESS_SECRET_KEYS"  # noqa: S105 - a variable name, no key
+
+
 def add_commands(commands: Any) -> None:
     """Add ``check`` and ``inspect`` to an argparse subparsers object; each sets ``run``."""
     common = argparse.ArgumentParser(add_help=False)
@@ -92,6 +108,14 @@ def add_commands(commands: Any) -> None:
     )
     inspect.add_argument("--key-prefix", default="memsess:", help="the store's key_prefix")
     inspect.add_argument("--show-data", action="store_true", help="print session contents")
+    inspect.add_argument(
+        "--secret-keys-env",
+        default=SECRET_KEYS_ENV,
+        metavar="NAME",
+        help="environment variable holding the store's secret_keys, separated by commas,"
+        f" to open sealed copies (default {SECRET_KEYS_ENV}; never on the command line,"
+        " where ps would show them)",
+    )
     inspect.set_defaults(run=run_inspect)
 
 
@@ -254,7 +278,7 @@ class CopyReport:
 
     address: str
     role: str  # "replica 1", "replica 2", ... in ring order; "extra" outside the replica set
-    status: str  # "current", "stale", "missing", "corrupt", "unreachable"; extra: "newer"
+    status: str  # "current", "stale", "missing", "corrupt", "sealed", "unreachable"; "newer"
     kind: str = ""  # "data" or "tombstone"
     version: int | None = None  # microseconds since the epoch when written (hybrid clock)
     size: int | None = None  # bytes stored, 16-byte record header included
@@ -280,8 +304,10 @@ def run_inspect(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     key = _storage_key(args.key_prefix, args.session_id)
     with _open_store(specs, redundancy=redundancy, key_prefix=args.key_prefix) as store:
         replicas = store.locate(args.session_id)  # pure: the ring, nothing sent
+    sealer = _sealer(args.secret_keys_env)
     reads = _gather({spec.name: partial(read_copy, spec, key) for spec in specs}, sys.stderr)
-    copies = _classify(specs, replicas, reads, show_data=args.show_data)
+    opener = partial(_open, sealer, key)
+    copies = _classify(specs, replicas, reads, opener, show_data=args.show_data)
     code, state = _inspect_verdict([c for c in copies if c.role != "extra"])
     # The user typed the id, but output gets pasted into tickets: echo a prefix only.
     shown = args.session_id[:8] + "…"
@@ -308,10 +334,33 @@ def _storage_key(key_prefix: str, session_id: str) -> bytes:
         ) from exc
 
 
+def _sealer(variable: str) -> Sealer | None:
+    """The opener of sealed copies, from the keys in environment ``variable`` (if set)."""
+    value = os.environ.get(variable, "")
+    keys = [key for key in re.split(r"[,\s]+", value) if key]
+    if not keys:
+        return None
+    try:
+        return Sealer(keys)
+    except (TypeError, ValueError, ImportError) as exc:  # no message holds a key
+        raise UsageError(f"${variable}: {exc}") from None
+
+
+def _open(sealer: Sealer | None, key: bytes, raw: bytes, flags: int) -> Record:
+    """The record stored as ``raw``, as the store reads it; ValueError if it cannot.
+    A sealed copy with no keys to open it is a KeyError."""
+    if sealer is not None:
+        return sealer.open_record(raw, flags, key)
+    if raw[:2] == SEALED_PREFIX and flags == FLAGS:
+        raise KeyError(f"sealed record: set ${SECRET_KEYS_ENV} (or --secret-keys-env) to open it")
+    return decode_record(raw, flags)
+
+
 def _classify(
     specs: list[ServerSpec],
     replicas: tuple[str, ...],
     reads: dict[str, RawCopy],
+    opener: Callable[[bytes, int], Record],
     *,
     show_data: bool,
 ) -> list[CopyReport]:
@@ -320,8 +369,8 @@ def _classify(
     for spec in specs:
         in_set = spec.name in replicas
         role = f"replica {replicas.index(spec.name) + 1}" if in_set else "extra"
-        copy = _copy_report(spec.name, role, reads[spec.name], show_data=show_data)
-        if in_set or copy.version is not None or copy.status == "corrupt":
+        copy = _copy_report(spec.name, role, reads[spec.name], opener, show_data=show_data)
+        if in_set or copy.version is not None or copy.status in ("corrupt", "sealed"):
             copies.append(copy)
     # The newest copy of the replica set is what a load returns; an extra copy is only
     # compared with it (it can be "newer" when the application uses more copies).
@@ -334,7 +383,14 @@ def _classify(
     return sorted(copies, key=lambda c: order.get(c.address, len(order)))
 
 
-def _copy_report(address: str, role: str, read: RawCopy, *, show_data: bool) -> CopyReport:
+def _copy_report(
+    address: str,
+    role: str,
+    read: RawCopy,
+    opener: Callable[[bytes, int], Record],
+    *,
+    show_data: bool,
+) -> CopyReport:
     """What one server holds; the status of a decodable copy is set by its version."""
     if read.error:
         return CopyReport(address, role, "unreachable", detail=read.error)
@@ -342,21 +398,23 @@ def _copy_report(address: str, role: str, read: RawCopy, *, show_data: bool) -> 
         return CopyReport(address, role, "missing")
     size = len(read.value)
     try:
-        record = decode_record(read.value, read.flags)
+        record = opener(read.value, read.flags)
+    except KeyError as exc:
+        return CopyReport(address, role, "sealed", size=size, ttl=read.ttl, detail=exc.args[0])
     except ValueError as exc:
         return CopyReport(address, role, "corrupt", size=size, ttl=read.ttl, detail=str(exc))
     if record.kind == TOMBSTONE:
         return CopyReport(address, role, "", "tombstone", record.version, size, read.ttl)
-    data = _decode_data(record.serializer_id, record.payload) if show_data else None
+    data = _decode_data(record) if show_data else None
     return CopyReport(address, role, "", "data", record.version, size, read.ttl, data=data)
 
 
-def _decode_data(serializer_id: int, payload: bytes) -> Any:
-    serializer = SERIALIZERS.get(serializer_id)
+def _decode_data(record: Record) -> Any:
+    serializer = SERIALIZERS.get(record.serializer_id)
     if serializer is None:
-        return f"(serializer id {serializer_id} is not built in; cannot decode)"
+        return f"(serializer id {record.serializer_id} is not built in; cannot decode)"
     try:
-        return serializer.loads(payload)
+        return serializer.loads(plain_payload(record))
     except ValueError as exc:
         return f"(undecodable: {exc})"
 
@@ -364,8 +422,9 @@ def _decode_data(serializer_id: int, payload: bytes) -> Any:
 def _inspect_verdict(replica_copies: list[CopyReport]) -> tuple[int, str]:
     current = [c for c in replica_copies if c.status == "current"]
     if not current:
-        unreachable = any(c.status == "unreachable" for c in replica_copies)
-        return (EXIT_DEGRADED if unreachable else EXIT_NOT_FOUND), "absent"
+        unreadable = any(c.status in ("unreachable", "sealed") for c in replica_copies)
+        sealed = any(c.status == "sealed" for c in replica_copies)
+        return (EXIT_DEGRADED if unreadable else EXIT_NOT_FOUND), "sealed" if sealed else "absent"
     state = "logged out" if current[0].kind == "tombstone" else "live"
     return (EXIT_OK if len(current) == len(replica_copies) else EXIT_DEGRADED), state
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -32,13 +33,14 @@ TIMEOUT = 0.5  # seconds: the DSN timeout of the tests against fakes
 SLACK = 1.5
 
 
-def memsess(*args: str) -> subprocess.CompletedProcess[str]:
+def memsess(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "memsess", *args],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -225,9 +227,11 @@ def test_inspect_refuses_a_key_prefix_memcached_cannot_take_in_one_line(
 # -- inspect --------------------------------------------------------------------------------
 
 
-def inspect(dsn: str, sid: str, *options: str) -> tuple[subprocess.CompletedProcess[str], str]:
+def inspect(
+    dsn: str, sid: str, *options: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], str]:
     # "--": an id may start with "-" (token_urlsafe), which argparse takes for an option.
-    result = memsess("inspect", dsn, *options, "--", sid)
+    result = memsess("inspect", dsn, *options, "--", sid, env=env)
     assert sid not in result.stdout + result.stderr  # never the full id
     return result, result.stdout
 
@@ -599,3 +603,49 @@ def test_check_reports_a_silent_or_garbled_udp_listener_within_its_wait(
     ]
     assert result.returncode == 1
     assert elapsed < TIMEOUT + SLACK
+
+
+def test_inspect_opens_sealed_and_compressed_copies_with_keys_from_the_environment(
+    cluster: LocalCluster, dsn: str
+) -> None:
+    from memsess import generate_key
+
+    key = generate_key()
+    store = SessionStore.from_dsn(
+        dsn, redundancy=2, secret_keys=[key], compress_threshold=16, compression="zlib"
+    )
+    sid = store.new_id()
+    store.save(sid, {"secret": MARKER * 20}, ttl=600)
+    store.close()
+
+    result, out = inspect(dsn, sid, "--show-data", env={"MEMSESS_SECRET_KEYS": f"{key}"})
+    assert result.returncode == 0, result.stderr
+    assert out.count(MARKER * 20) == 1
+    assert key not in out + result.stderr
+
+    # Without the keys: the copies are sealed, not corrupt, and nothing is shown.
+    result, out = inspect(dsn, sid, "--show-data", env={"MEMSESS_SECRET_KEYS": ""})
+    assert result.returncode == 1, out
+    assert ": sealed" in out.splitlines()[0]
+    for index in server_indexes(cluster, store, sid):
+        assert row(out, cluster.servers[index].address).split()[3] == "sealed"
+    assert MARKER not in out
+
+    # With keys, an unsealed copy is not trusted: the store would not read it either.
+    plain = SessionStore.from_dsn(dsn, redundancy=2)
+    plain.save(sid, {"secret": "planted"})
+    plain.close()
+    env = {"MY_KEYS": f"{generate_key()}, {key}"}
+    result, out = inspect(dsn, sid, "--secret-keys-env", "MY_KEYS", env=env)
+    assert result.returncode == 3, out  # no copy the store would read: absent
+    for index in server_indexes(cluster, store, sid):
+        assert row(out, cluster.servers[index].address).split()[3] == "corrupt"
+    assert "unsealed record" in out
+
+
+def test_inspect_refuses_short_keys_in_one_line_without_showing_them(dsn: str) -> None:
+    sid = SessionStore.new_id()
+    result = memsess("inspect", dsn, "--", sid, env={"MEMSESS_SECRET_KEYS": "too-short-key"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "too-short-key" not in result.stderr

@@ -281,3 +281,56 @@ def test_the_async_store_on_uvloop_over_tls_with_many_tasks(secure: LocalCluster
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def test_flask_and_django_take_credentials_and_a_context_out_of_the_save_path(
+    secure: LocalCluster,
+) -> None:
+    from flask import Flask, session
+
+    from memsess.adapters.flask import init_app
+
+    bare = without(secure.dsn(timeout=TEST_TIMEOUT), "tls_ca").replace(f"{USER}:{PASSWORD}@", "")
+    app = Flask(__name__)
+    app.config.update(
+        MEMSESS_SAVE_PATH=bare,
+        MEMSESS_USERNAME=USER,
+        MEMSESS_PASSWORD=PASSWORD,
+        MEMSESS_SSL_CONTEXT=secure.ssl_context(),
+    )
+    init_app(app)
+
+    @app.get("/")
+    def view() -> str:
+        session["seen"] = session.get("seen", 0) + 1
+        return str(session["seen"])
+
+    store = app.extensions["memsess"]
+    try:
+        client = app.test_client()
+        assert client.get("/").text == "1"
+        assert client.get("/").text == "2"
+        assert all(status.state == "up" for status in store.health()), failures(store)
+    finally:
+        store.close()
+
+    import django_settings
+
+    django_settings.setup()
+    from django.test import override_settings
+
+    from memsess.adapters.django import SessionStore as DjangoSession
+    from memsess.adapters.django import get_store
+
+    setting = {
+        "SAVE_PATH": bare,
+        "USERNAME": USER,
+        "PASSWORD": PASSWORD,
+        "SSL_CONTEXT": secure.ssl_context(),
+    }
+    with override_settings(SESSION_MEMSESS=setting):
+        django_session = DjangoSession()
+        django_session["seen"] = 1
+        django_session.save()
+        assert DjangoSession(django_session.session_key)["seen"] == 1
+        get_store().close()
