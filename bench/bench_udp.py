@@ -111,7 +111,7 @@ def steady(cluster: LocalCluster, *, calls: int, rounds: int) -> float:
     udp_replicas = [udp_addresses(cluster)[i] for i in _indexes(cluster, tcp, sid)]
     raw_tcp, raw_udp = RawPair(replicas, udp=False), RawPair(udp_replicas, udp=True)
     one_tcp, one_udp = RawTCP(replicas[0]), RawUDP(udp_replicas[0])
-    key = tcp.key_prefix + b"raw"
+    key = str(tcp.key_prefix).encode("ascii") + b"raw"
     for address in replicas:
         with socket.create_connection(address) as sock:
             sock.sendall(b"set %b 0 0 200\r\n%b\r\n" % (key, b"x" * 200))

@@ -43,7 +43,7 @@ from bench.common import (
 from bench.floor import RawTCP, raw_fanout_set, set_command
 from memsess import SessionStore, protocol
 from memsess.protocol import ClientProtocol, Command
-from memsess.records import DATA, FLAGS, decode_record, encode_record, is_valid_id, storage_key
+from memsess.records import DATA, FLAGS, decode_record, encode_record, is_valid_id
 from memsess.transport import DEFAULT_STRAGGLER_WINDOW, FirstReply, Result, WaitRule, fanout
 
 __all__ = ["main"]
@@ -96,7 +96,7 @@ def layers(
     """Section 1: the layer breakdown."""
     sid = store.new_id()
     store.save(sid, data)
-    key = storage_key(store.key_prefix, sid)
+    key = store.storage_key(sid)
     cluster = store._cluster
     targets = cluster.targets(key.decode("ascii"))
     pools = [cluster.pools[index] for index in targets]
@@ -144,7 +144,7 @@ def layers(
 def steps(store: SessionStore, data: dict[str, Any], *, number: int) -> None:
     """Section 2: CPU per step, no I/O (timeit, best of 5)."""
     sid = store.new_id()
-    key = storage_key(store.key_prefix, sid)
+    key = store.storage_key(sid)
     serializer = store.serializer
     payload = serializer.dumps(data)
     record = encode_record(1, DATA, serializer.id, payload)
@@ -161,7 +161,7 @@ def steps(store: SessionStore, data: dict[str, Any], *, number: int) -> None:
 
     candidates: dict[str, Callable[[], object]] = {
         "is_valid_id(sid)": lambda: is_valid_id(sid),
-        "storage_key(prefix, sid)": lambda: storage_key(store.key_prefix, sid),
+        "storage_key(prefix, sid)": lambda: store.storage_key(sid),
         "Cluster.targets(key)": lambda: cluster.targets(key.decode("ascii")),
         "protocol.get(key, cas=True)": lambda: protocol.get(key, cas=True),
         "ClientProtocol(): parse one gets reply": parse_reply,

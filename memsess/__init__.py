@@ -2,8 +2,14 @@
 
 ``SessionStore.from_dsn("tcp://a:11211, tcp://b:11211", redundancy=2)`` is the
 whole entry point (``AsyncSessionStore`` for asyncio); see the README for the adapters
-(Flask, Django, WSGI, ASGI: Starlette and FastAPI, Quart, Litestar).
+(Flask, Django, WSGI, ASGI: Starlette and FastAPI, Quart, Litestar), reached as
+``memsess.adapters.flask`` and so on once ``memsess`` is imported.
 """
+
+import importlib
+import logging
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from memsess.aio import AsyncSessionStore
 from memsess.cluster import ServerStatus
@@ -65,3 +71,20 @@ __all__ = [
     "generate_key",
     "parse_dsn",
 ]
+
+# A library logs, the application decides where to: without this, an application that
+# configured no logging would get memsess's warnings on stderr from logging's
+# last-resort handler (the logging HOWTO's advice for libraries; urllib3 does the same).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+if TYPE_CHECKING:
+    from . import adapters as adapters
+else:
+
+    def __getattr__(name: str) -> ModuleType:
+        # The adapters import optional frameworks (Flask, Django...), so they are imported
+        # on first use, never with memsess itself (PEP 562); memsess.adapters does the
+        # same for its framework modules, so ``memsess.adapters.flask`` needs no import.
+        if name == "adapters":
+            return importlib.import_module("memsess.adapters")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,13 +3,16 @@ with health, round-trip times and trust floors updated from the outcomes.
 
 The ring is static: a server that is down stays on it and is skipped, so no key silently
 moves to a server that never had it. A down server is never asked by a request; the
-store's maintenance thread probes it (:meth:`Cluster.claim_due_probes`).
+store's maintenance thread probes it (:meth:`Cluster.claim_due_probes`). A server whose
+host does not resolve when the cluster is made is such a down server: the maintenance
+thread looks it up again before each probe, so no DNS lookup sits in a request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -32,7 +35,7 @@ from memsess.health import (
     straggler_window,
 )
 from memsess.metrics import Metrics
-from memsess.protocol import Command, ErrorReply, Status, Values, Version
+from memsess.protocol import DEFAULT_MAX_VALUE_SIZE, Command, ErrorReply, Status, Values, Version
 from memsess.records import VersionClock
 from memsess.transport import (
     DatagramLostError,
@@ -46,7 +49,7 @@ from memsess.transport import (
 )
 from memsess.transport.tls import TlsClient
 
-__all__ = ["Cluster", "ServerStatus"]
+__all__ = ["Cluster", "ServerStatus", "check_straggler_window"]
 
 # Batches between two recomputations of every server's straggler windows.
 _WINDOW_REFRESH = 64
@@ -91,16 +94,23 @@ class Cluster:
         failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
         metrics: Metrics | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
     ) -> None:
+        """``max_value_size``: the longest value in bytes a reply may carry (the store's
+        item size): a longer one is refused before it is buffered."""
         if not servers:
             raise ValueError("a cluster needs at least one server")
+        if isinstance(redundancy, bool) or not isinstance(redundancy, int):
+            raise TypeError(
+                f"redundancy must be a whole number of copies, not {type(redundancy).__name__}"
+            )
         if not 1 <= redundancy <= len(servers):
             raise ValueError(
                 f"redundancy={redundancy} needs at least that many servers;"
                 f" the DSN has {len(servers)}"
             )
-        if straggler_window is not None and straggler_window < 0:
-            raise ValueError(f"straggler_window must be >= 0 seconds, got {straggler_window}")
+        if straggler_window is not None:
+            check_straggler_window(straggler_window)
         self.servers = tuple(servers)
         self.redundancy = redundancy
         self.fixed_window = straggler_window
@@ -108,23 +118,28 @@ class Cluster:
         self.clock = VersionClock() if clock is None else clock
         self.metrics = Metrics() if metrics is None else metrics
         self.pools = tuple(
-            ServerPool(spec, tls=TlsClient.for_server(spec, ssl_context)) for spec in self.servers
+            ServerPool(
+                spec, tls=TlsClient.for_server(spec, ssl_context), max_value_size=max_value_size
+            )
+            for spec in self.servers
         )
         # Gets to a server with a udp_port go over UDP; everything else over its pool.
         self.udp_pools = tuple(
-            None if spec.udp_port is None else UdpPool(spec) for spec in self.servers
+            None if spec.udp_port is None else UdpPool(spec, max_value_size=max_value_size)
+            for spec in self.servers
         )
         routes = {p: u for p, u in zip(self.pools, self.udp_pools, strict=True) if u is not None}
         self.has_udp = bool(routes)
         #: Which reads go over UDP (None: no server has a UDP port), for every driver.
         self.routes = UdpRoutes(routes, straggler_window=straggler_window) if routes else None
         count = len(self.servers)
-        self._health = [Health(since=monotonic()) for _ in range(count)]
+        self._health = [self._first_health(index, monotonic()) for index in range(count)]
         self._last_reply = [float("-inf")] * count  # monotonic seconds
         # Seconds; a prior of a LAN's round trip until replies say otherwise.
         self._srtt = [_PRIOR_RTT] * count
         self._rttvar = [_PRIOR_RTT / 2] * count
-        self._clean = [True] * count  # UP without a failure: no health to record on a reply
+        # UP without a failure: no health to record on a reply.
+        self._clean = [health.state is State.UP for health in self._health]
         #: Per server, the straggler windows (seconds) the plans use: recomputed after a
         #: change of health and every _WINDOW_REFRESH batches (round trips drift slowly).
         self.read_windows = [0.0] * count
@@ -142,6 +157,30 @@ class Cluster:
         renew_locks_after_fork(self, "_lock")
         self.replica_set = _replica_sets(self.servers, redundancy)
         self.refresh_windows()
+
+    def _first_health(self, index: int, now: float) -> Health:
+        """Up, or down and due for a probe at once when its host did not resolve (a DNS
+        hiccup at start-up must not stop the app from starting)."""
+        unresolved = self.resolve(index, lookup=False)
+        if unresolved is None:
+            return Health(since=now)
+        log.warning(
+            "%s; marked down, looked up again in the background every %g s",
+            unresolved,
+            self.servers[index].retry_interval,
+        )
+        return Health(State.DOWN, 1, now, str(unresolved), now)
+
+    def resolve(self, index: int, *, lookup: bool = True) -> MemsessError | None:
+        """Why server ``index`` has no address yet (its host did not resolve), or None.
+        With ``lookup``, look its host up again first: a blocking DNS lookup, made only
+        by the maintenance thread (:meth:`claim_due_probes`)."""
+        udp = self.udp_pools[index]
+        for pool in (self.pools[index], udp) if udp is not None else (self.pools[index],):
+            error = pool.resolve() if lookup else pool.unresolved
+            if error is not None:
+                return error
+        return None
 
     def targets(self, key: str) -> list[int]:
         """The servers of ``key``'s replica set to ask now: those not marked down."""
@@ -249,7 +288,11 @@ class Cluster:
         return min(due) if due else None
 
     def claim_due_probes(self, now: float) -> list[int]:
-        """The down servers whose retry interval has passed, marked PROBING."""
+        """The down servers whose retry interval has passed, marked PROBING, to probe.
+
+        Called by the maintenance thread only: a server whose host has not resolved yet
+        is looked up here, and if it still does not resolve, it is down again for its
+        retry interval (a failed probe) and not returned."""
         claimed = []
         with self._lock:
             for index, health in enumerate(self._health):
@@ -260,7 +303,14 @@ class Cluster:
                     self._health[index] = probing
                     self._clean[index] = False
                     claimed.append(index)
-        return claimed
+        ready = []
+        for index in claimed:
+            unresolved = self.resolve(index)  # outside the lock: DNS may take a while
+            if unresolved is None:
+                ready.append(index)
+            else:
+                self.record(index, unresolved)
+        return ready
 
     def record(self, index: int, result: Result) -> None:
         """Update server ``index``'s health from one outcome."""
@@ -316,6 +366,19 @@ class Cluster:
         for udp_pool in self.udp_pools:
             if udp_pool is not None:
                 udp_pool.clear()
+
+
+def check_straggler_window(seconds: object) -> float:
+    """``seconds`` if it is a straggler window: a finite number of seconds >= 0."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(
+            f"straggler_window must be a number of seconds, not {type(seconds).__name__}"
+        )
+    if not (0 <= seconds < math.inf):  # also False for NaN
+        raise ValueError(
+            f"straggler_window must be a finite number of seconds >= 0, got {seconds!r}"
+        )
+    return seconds
 
 
 def _replica_sets(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Final, Literal, TypeVar
 from urllib.parse import quote, unquote
@@ -29,6 +29,7 @@ __all__ = [
     "ServerSpec",
     "format_dsn",
     "parse_dsn",
+    "with_defaults",
 ]
 
 Scheme = Literal["tcp", "udp", "unix", "tls"]
@@ -40,7 +41,7 @@ DEFAULT_WEIGHT: Final = 1
 DEFAULT_TIMEOUT: Final = 1.0
 DEFAULT_RETRY_INTERVAL: Final = 15.0
 # PHP's session handler defaults to persistent=0, but a Python process keeps its
-# connections open between requests anyway: the flag only says "pool them".
+# connections open between requests anyway: memsess always pools them (ServerSpec).
 DEFAULT_PERSISTENT: Final = True
 MAX_PORT: Final = 65535
 #: Seconds. poll() takes its timeout as a C int of milliseconds (~24.8 days at most, then
@@ -77,6 +78,8 @@ _BOOLEANS: Final = {
 _TLS_PARAMETERS: Final = ("tls_ca", "tls_cert", "tls_key", "tls_server_name", "tls_verify")
 _PHP_PARAMETERS: Final = ("persistent", "weight", "timeout", "retry_interval", "udp_port")
 _PARAMETERS: Final = (*_PHP_PARAMETERS, *_TLS_PARAMETERS)
+#: The parameters a store-wide option sets on the entries that leave them out.
+_STORE_DEFAULTS: Final = frozenset({"timeout", "retry_interval"})
 _SCHEMES: Final[dict[str, Scheme]] = {"tcp": "tcp", "udp": "udp", "tls": "tls"}
 # memcached's ASCII authentication sends "user password" as one line, split at the space,
 # and its auth file holds user:password lines split at the first ':'.
@@ -85,6 +88,15 @@ _PASSWORD: Final = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space
 _SCHEME_PREFIX: Final = re.compile(r"(?:tcp|udp|tls)://", re.ASCII | re.IGNORECASE)
 _BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
+# php-memcached's save_path: "PERSISTENT=<id> host:port:weight, ..." (pecl/memcache's
+# is memsess's). Told apart so that the error says which syntax to write.
+_PHP_MEMCACHED_PERSISTENT: Final = re.compile(r"persistent=", re.ASCII | re.IGNORECASE)
+_PHP_MEMCACHED_SERVER: Final = re.compile(r"[^:\[\]/]+:[0-9]+:[0-9]+", re.ASCII)
+_PHP_MEMCACHED: Final = (
+    "memsess reads PHP memcache's (pecl/memcache) session.save_path, not php-memcached's "
+    "('PERSISTENT=id host:port:weight'): write tcp://host:port, or tcp://host:port?weight=N, "
+    "for each server, separated by ','"
+)
 _NO_DTLS: Final = (
     "memcached has no DTLS: UDP reads would go unencrypted; drop udp_port, "
     "or use tcp:// for a trusted network"
@@ -105,6 +117,17 @@ class ServerSpec:
     skipped before it is probed again, default 15 s) are in seconds.
     ``udp_port`` is where session reads go over UDP: the port of a ``udp://``
     server, ``?udp_port=`` of a ``tcp://`` one, else None.
+
+    ``persistent`` is read for PHP compatibility and changes nothing: memsess always
+    keeps its connections in a pool between requests. In PHP the flag decides whether a
+    connection outlives the request of the PHP process that opened it (every request
+    connects again without it); a Python process serves many requests, and connecting
+    anew for each would only add a round trip or two (a TLS handshake, authentication)
+    to every request, the cost PHP's flag exists to avoid.
+
+    ``defaulted`` names the parameters its save_path entry left out (``timeout``,
+    ``retry_interval``), which a store's options of those names then set; a ServerSpec
+    made by hand sets all of its own.
 
     ``username`` and ``password`` (both or neither) are memcached's ASCII
     authentication (``-Y``), sent first on every TCP, TLS or unix socket connection;
@@ -131,6 +154,7 @@ class ServerSpec:
     tls_key: str | None = None
     tls_server_name: str | None = None
     tls_verify: bool = True
+    defaulted: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.scheme not in ("tcp", "udp", "unix", "tls"):
@@ -144,18 +168,12 @@ class ServerSpec:
             object.__setattr__(self, "udp_port", self.port)
         if not _is_integer(self.weight) or self.weight < 1:
             raise DSNError(f"weight must be an integer >= 1, got {self.weight!r}")
-        if not _is_real(self.timeout) or not (0 < self.timeout <= MAX_TIMEOUT):
+        _check_timeout(self.timeout)
+        _check_retry_interval(self.retry_interval)
+        if not isinstance(self.defaulted, frozenset) or not self.defaulted <= _STORE_DEFAULTS:
             raise DSNError(
-                f"timeout must be a finite number of seconds > 0 and at most {MAX_TIMEOUT:g}, "
-                f"got {self.timeout!r}"
-            )
-        if not _is_real(self.retry_interval) or not (
-            0 <= self.retry_interval <= MAX_RETRY_INTERVAL
-        ):
-            raise DSNError(
-                f"retry_interval must be a finite number of seconds >= 0 and at most "
-                f"{MAX_RETRY_INTERVAL:g} (PHP's -1, 'never retry', is not supported), "
-                f"got {self.retry_interval!r}"
+                f"defaulted names parameters among {', '.join(sorted(_STORE_DEFAULTS))}, "
+                f"got {self.defaulted!r}"
             )
         if not isinstance(self.persistent, bool):
             raise DSNError(f"persistent must be True or False, got {self.persistent!r}")
@@ -180,6 +198,53 @@ class ServerSpec:
     def address(self) -> tuple[str, int] | str:
         """What ``socket.connect`` takes: ``(host, port)``, or the socket path."""
         return self.host if self.scheme == "unix" else (self.host, self.port)
+
+
+def _check_timeout(value: object) -> None:
+    if not (_is_real(value) and isinstance(value, (int, float)) and 0 < value <= MAX_TIMEOUT):
+        raise DSNError(
+            f"timeout must be a finite number of seconds > 0 and at most {MAX_TIMEOUT:g}, "
+            f"got {value!r}"
+        )
+
+
+def _check_retry_interval(value: object) -> None:
+    if not (
+        _is_real(value) and isinstance(value, (int, float)) and 0 <= value <= MAX_RETRY_INTERVAL
+    ):
+        raise DSNError(
+            f"retry_interval must be a finite number of seconds >= 0 and at most "
+            f"{MAX_RETRY_INTERVAL:g} (PHP's -1, 'never retry', is not supported), "
+            f"got {value!r}"
+        )
+
+
+def with_defaults(
+    servers: Iterable[ServerSpec],
+    *,
+    timeout: float | None = None,
+    retry_interval: float | None = None,
+) -> tuple[ServerSpec, ...]:
+    """``servers`` with the store-wide ``timeout`` and ``retry_interval`` (seconds; None:
+    memsess's defaults, 1 and 15) set on each server whose save_path entry left that
+    parameter out (:attr:`ServerSpec.defaulted`); an entry's own value is kept. Raises
+    DSNError for a value a save_path entry could not hold either."""
+    given: dict[str, float] = {}
+    if timeout is not None:
+        _check_timeout(timeout)
+        given["timeout"] = float(timeout)
+    if retry_interval is not None:
+        _check_retry_interval(retry_interval)
+        given["retry_interval"] = float(retry_interval)
+    return tuple(_with_given(spec, given) for spec in servers)
+
+
+def _with_given(spec: ServerSpec, given: dict[str, float]) -> ServerSpec:
+    changes = {name: value for name, value in given.items() if name in spec.defaulted}
+    if not changes:
+        return spec
+    defaulted = spec.defaulted.difference(changes)
+    return replace(spec, defaulted=defaulted, **changes)  # type: ignore[arg-type]
 
 
 def _is_integer(value: object) -> bool:
@@ -318,24 +383,59 @@ def _check_server_name(name: str) -> None:
         raise DSNError(f"tls_server_name: {exc}") from None
 
 
-def parse_dsn(save_path: str) -> tuple[ServerSpec, ...]:
-    """Parse a PHP memcache ``session.save_path`` into its servers, in order.
+def parse_dsn(
+    save_path: str | Sequence[str],
+    *,
+    timeout: float | None = None,
+    retry_interval: float | None = None,
+) -> tuple[ServerSpec, ...]:
+    """Parse a PHP memcache (pecl/memcache) ``session.save_path`` into its servers, in order.
 
     Entries are separated by commas and/or whitespace, e.g.
-    ``"tcp://10.0.0.1:11211?weight=2&timeout=0.5, unix:///run/memcached.sock"``.
-    ``tcp://`` and ``tls://`` entries may carry ``user:password@`` and ``tls://`` ones
-    ``tls_ca``, ``tls_cert``, ``tls_key``, ``tls_server_name`` and ``tls_verify``;
-    those and the credentials are percent-decoded (``%2C`` for ',', ``%40`` for '@').
-    Raises :class:`~memsess.errors.DSNError` naming the offending entry and part,
-    with any password in it written ``***``.
+    ``"tcp://10.0.0.1:11211?weight=2&timeout=0.5, unix:///run/memcached.sock"``; a list
+    or tuple of such strings (Flask-Session's and Django's cache LOCATION way) is read as
+    their entries one after another. ``tcp://`` and ``tls://`` entries may carry
+    ``user:password@`` and ``tls://`` ones ``tls_ca``, ``tls_cert``, ``tls_key``,
+    ``tls_server_name`` and ``tls_verify``; those and the credentials are
+    percent-decoded (``%2C`` for ',', ``%40`` for '@'). ``persistent`` is read and
+    changes nothing: memsess always pools connections (see :class:`ServerSpec`).
+
+    ``timeout`` and ``retry_interval`` (seconds) are set on the entries that leave that
+    parameter out; None keeps memsess's defaults (1 and 15 s, PHP's).
+
+    Raises :class:`~memsess.errors.DSNError` naming the offending entry and part, with
+    any password in it written ``***``; TypeError for a save_path that is neither a
+    str nor a list or tuple of str.
     """
-    entries = [entry for entry in _SEPARATORS.split(save_path) if entry]
+    text = _save_path_text(save_path)
+    entries = [entry for entry in _SEPARATORS.split(text) if entry]
     if not entries:
         raise DSNError(f"save_path {save_path!r} lists no servers")
     _check_credentials_placement(entries)
+    for entry in entries:
+        if _PHP_MEMCACHED_PERSISTENT.match(entry):
+            raise DSNError(f"server {_redact(entry)!r}: {_PHP_MEMCACHED}")
     servers = tuple(_parse_server(entry) for entry in entries)
     _check_distinct(servers, entries)
-    return servers
+    return with_defaults(servers, timeout=timeout, retry_interval=retry_interval)
+
+
+def _save_path_text(save_path: object) -> str:
+    """``save_path`` as one string of entries: itself, or a list's items joined."""
+    if isinstance(save_path, str):
+        return save_path
+    if not isinstance(save_path, (list, tuple)):
+        raise TypeError(
+            "save_path must be a str, or a list or tuple of str (one or more servers"
+            f" each), not {type(save_path).__qualname__}"
+        )
+    for position, item in enumerate(save_path):
+        if not isinstance(item, str):
+            raise TypeError(
+                f"save_path[{position}] must be a str (one or more servers), "
+                f"not {type(item).__qualname__}"
+            )
+    return ", ".join(save_path)
 
 
 def format_dsn(servers: Iterable[ServerSpec]) -> str:
@@ -436,6 +536,7 @@ def _parse_server(entry: str) -> ServerSpec:
             tls_key=_param(params, "tls_key", _percent_decode, None),
             tls_server_name=_param(params, "tls_server_name", _percent_decode, None),
             tls_verify=_param(params, "tls_verify", _parse_encoded_boolean, True),
+            defaulted=_STORE_DEFAULTS.difference(params),
         )
     except DSNError as exc:
         raise DSNError(f"server {_redact(entry)!r}: {exc}") from None
@@ -527,6 +628,8 @@ def _split_host_port(text: str) -> tuple[str, int]:
             raise DSNError(f"unexpected {after!r} after [{host}]")
         return host, _parse_port(after[1:]) if after else DEFAULT_PORT
     if text.count(":") > 1:
+        if _PHP_MEMCACHED_SERVER.fullmatch(text):  # host:port:weight
+            raise DSNError(_PHP_MEMCACHED)
         raise DSNError(
             f"more than one ':' in {text!r}; write an IPv6 address in brackets, "
             "as in tcp://[::1]:11211"

@@ -10,7 +10,7 @@
     ├── InvalidKeyError(ValueError)     a memcached key memsess refuses to send
     ├── ProtocolError                   bytes that break the memcached text protocol
     │   └── ServerError                 the server's own CLIENT_ERROR / SERVER_ERROR / ERROR
-    ├── TransportError(OSError)         a socket failed; raised only inside memsess.transport
+    ├── TransportError(OSError)         a socket failed (one server's result, see below)
     │   ├── ConnectError                connection refused or could not be opened
     │   │   ├── TlsError                the TLS handshake failed (untrusted, not TLS)
     │   │   └── AuthenticationError     the server refused our credentials, or wants some
@@ -20,6 +20,12 @@
         ├── NoServerAvailableError      every server of a replica set is down
         ├── WriteError                  no copy of a write could be stored
         └── SessionGoneError(KeyError)  a conditional save met a logout made elsewhere
+
+The stores raise ClusterErrors, never a TransportError or a ServerError of one server:
+memsess.transport returns those as values, one per server of a fan-out, and an operation
+that fails as a whole reports each server's in its message (a WriteError's ``__cause__``
+is the first server's error). memsess.admin, which talks to one server at a time, raises
+them as they are.
 """
 
 from __future__ import annotations
@@ -77,16 +83,20 @@ class ProtocolError(MemsessError):
 
 
 class ServerError(ProtocolError):
-    """The server answered ERROR, CLIENT_ERROR or SERVER_ERROR."""
+    """The server answered ERROR, CLIENT_ERROR or SERVER_ERROR: ``kind`` is that word,
+    ``message`` the rest of its line, ``server`` its address when known."""
 
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(f"{kind} {message}".strip())
+    def __init__(self, kind: str, message: str, *, server: str | None = None) -> None:
+        text = f"{kind} {message}".strip()
+        super().__init__(text if server is None else f"memcached {server}: {text}")
         self.kind = kind
         self.message = message
+        self.server = server
 
 
 class TransportError(MemsessError, OSError):
-    """A connection to one server failed."""
+    """A connection to one server failed. memsess.transport returns it as that server's
+    result (a fan-out goes on with the others) rather than raising it."""
 
 
 class ConnectError(TransportError):
@@ -166,4 +176,10 @@ class SessionLockError(MemsessError):
 
 class SessionGoneError(ClusterError, KeyError):
     """A conditional save found the session logged out (a tombstone) since it was
-    loaded: the save was not applied, and the logout stands."""
+    loaded: the save was not applied, and the logout stands.
+
+    A KeyError too, for code written against older versions; its ``str()`` is the
+    message itself (KeyError's would quote it, as it does a missing key)."""
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)

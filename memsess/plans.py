@@ -15,6 +15,7 @@ from typing import Final, NamedTuple, TypeVar
 
 from memsess import protocol
 from memsess.cluster import Cluster
+from memsess.copies import SessionState, classify, open_copy
 from memsess.errors import MemsessError, NoServerAvailableError, SessionGoneError
 from memsess.metrics import Metrics
 from memsess.protocol import Command, ErrorReply, ReplyKind, Status, Values
@@ -191,7 +192,7 @@ class Plans:
         if all(copy is None for copy in copies):
             raise NoServerAvailableError(
                 "no copy of this session could be read: "
-                + "; ".join(str(result) for result in results)
+                + "; ".join(str(result) for result in self._named(targets, results))
             )
 
     def _repair(
@@ -203,9 +204,9 @@ class Plans:
         copies: list[Copy | None],
     ) -> Flow[None]:
         lagging = {  # server index -> (why its copy is rewritten, its cas token)
-            index: ("missing" if not c.raw else "corrupt" if c.record is None else "stale", c.cas)
+            index: (why.value, c.cas)
             for index, c in zip(targets, copies, strict=True)
-            if c is not None and (c.record is None or c.record.version < newest.version)
+            if c is not None and (why := c.status(newest.version)).repaired
         }
         servers = self.cluster.servers
         log.info(
@@ -237,12 +238,48 @@ class Plans:
     def write(
         self, key: bytes, command: Command, *, ok: Status = Status.STORED
     ) -> Flow[list[Result]]:
-        """``command`` (a set, a touch) to every live copy; returns each server's result.
-        A copy that did not answer ``ok`` is handed to ``missed`` for repair."""
+        """``command`` (a set, a touch) to every live copy; returns each server's result,
+        an error reply as the ServerError naming its server. A copy that did not answer
+        ``ok`` is handed to ``missed`` for repair."""
         targets = self.targets(key)
         results = yield Step([(i, command) for i in targets], WriteRule(self.cluster, targets))
         self._note_missed(key, targets, results, ok=ok)
-        return results
+        return self._named(targets, results)
+
+    def touch(self, key: bytes, exptime: int) -> Flow[bool]:
+        """Give every live copy of ``key`` the lifetime ``exptime`` (memcached's) with
+        ``gat``, which returns each copy as it touches it. True when the newest copy that
+        came back holds a session; False when none came back or the newest is a logout's
+        tombstone (touched too, which only keeps the logout longer). A server older than
+        memcached 1.5.3 (no gat) gets a plain touch, which cannot tell a logout: a copy it
+        touched counts as a session when no other copy says otherwise."""
+        targets = self.targets(key)
+        command = protocol.gat(key, exptime)
+        results = yield Step([(i, command) for i in targets], WriteRule(self.cluster, targets))
+        copies = []
+        touched = []
+        without_gat = []
+        for index, result in zip(targets, results, strict=True):
+            copy = None
+            if result.__class__ is Values:
+                item = result.items[0] if result.items else None
+                if item is not None:
+                    touched.append(index)
+                    copy = open_copy(item.value, item.flags, item.cas, key, self.sealer)
+                else:
+                    copy = open_copy(None, 0, None, key, self.sealer)
+            elif isinstance(result, ErrorReply) and result.kind == "ERROR":  # unknown command
+                without_gat.append(index)
+            copies.append(copy)
+        blind = []  # touched without being read
+        if without_gat:
+            plain = protocol.touch(key, exptime)
+            step = Step([(i, plain) for i in without_gat], WriteRule(self.cluster, without_gat))
+            answers = yield step
+            blind = [i for i, r in zip(without_gat, answers, strict=True) if r is Status.TOUCHED]
+        self._hint_missed(key, touched + blind)
+        state = classify(copies).state
+        return state is SessionState.LIVE or (state is SessionState.ABSENT and bool(blind))
 
     def save(
         self,
@@ -267,7 +304,7 @@ class Plans:
             command = Command(data, _STORAGE)
             results = yield Step([(i, command) for i in targets], WriteRule(self.cluster, targets))
             self._note_missed(key, targets, results, ok=Status.STORED)
-            return results
+            return self._named(targets, results)
         loaded_version, tokens = since
         raise_on_save = conflicts
         batch = [(i, guarded_write(key, record, tokens.get(i), exptime)) for i in targets]
@@ -289,7 +326,7 @@ class Plans:
             outcome.update(rewritten)
         final = [outcome[i] for i in targets]
         self._note_missed(key, targets, final, ok=Status.STORED)
-        return final
+        return self._named(targets, final)
 
     def _resolve(
         self,
@@ -337,10 +374,32 @@ class Plans:
             outcome.update(zip((i for i, _ in batch), results, strict=True))
         return outcome
 
+    def _named(self, targets: list[int], results: list[Result]) -> list[Result]:
+        """``results``, each error reply (a server's SERVER_ERROR...) as the ServerError
+        naming its server: what a caller reports when a write fails."""
+        for result in results:
+            if result.__class__ is ErrorReply:
+                break
+        else:
+            return results  # the common case: no error reply
+        servers = self.cluster.servers
+        return [
+            result.to_exception(server=servers[index].name)
+            if isinstance(result, ErrorReply)
+            else result
+            for index, result in zip(targets, results, strict=True)
+        ]
+
     def _note_missed(
         self, key: bytes, targets: list[int], results: list[Result], *, ok: Status
     ) -> None:
-        done = [i for i, result in zip(targets, results, strict=True) if result is ok]
+        self._hint_missed(
+            key, [i for i, result in zip(targets, results, strict=True) if result is ok]
+        )
+
+    def _hint_missed(self, key: bytes, done: list[int]) -> None:
+        """Hand the copies of ``key``'s replica set not in ``done`` to ``missed``, for
+        repair, when at least one copy was done (there is something to copy)."""
         if len(done) == self.cluster.redundancy:
             return  # every copy done: the common case
         members = self.cluster.replica_set(key.decode("ascii"))
@@ -365,7 +424,7 @@ class Plans:
         if not taken and not held:
             raise NoServerAvailableError(
                 "no server of this session's replica set could take its lock: "
-                + "; ".join(str(result) for result in results)
+                + "; ".join(str(result) for result in self._named(targets, results))
             )
         if taken:
             yield from self.release(key, token, taken)

@@ -13,10 +13,12 @@ from memsess.errors import ConnectionClosedError, InvalidKeyError, ProtocolError
 
 # fmt: off
 __all__ = [
-    "MAX_KEY_LENGTH", "MAX_LINE_LENGTH", "MAX_STATS_LINES", "MAX_STATS_SIZE", "NEED_DATA",
+    "DEFAULT_MAX_VALUE_SIZE", "MAX_KEY_LENGTH", "MAX_LINE_LENGTH", "MAX_STATS_LINES",
+    "MAX_STATS_SIZE", "NEED_DATA",
     "ClientProtocol", "Command", "ErrorReply", "Item", "MetaItem", "NeedData", "Reply",
     "ReplyKind", "Stats", "Status", "Values", "Version",
-    "add", "cas", "check_key", "delete", "get", "meta_get", "set", "stats", "touch", "version",
+    "add", "cas", "check_key", "delete", "gat", "get", "meta_get", "set", "stats", "touch",
+    "version",
 ]
 # fmt: on
 
@@ -45,6 +47,10 @@ _MAX_CAS: Final = 2**64 - 1  # "<cas unique> is a unique 64-bit value"
 _MAX_EXPTIME: Final = 2**31 - 1
 # <bytes> is read as an int32; over INT_MAX - 2 the data block is not swallowed either.
 _MAX_DATA_LENGTH: Final = 2**31 - 3
+#: The longest value a reply may carry unless the parser is told less: a session store
+#: tells it its servers' item size (max_item_size), so a server (or anything answering
+#: in its place) cannot make it buffer more than a stored session can be.
+DEFAULT_MAX_VALUE_SIZE: Final = 64 * 1024 * 1024
 # Above this size one copy through a memoryview beats slicing the bytearray and copying
 # the slice (1 MiB: ~35 us against ~600 us here); below it the slice is cheaper.
 _MEMORYVIEW_COPY_SIZE: Final = 4096
@@ -85,6 +91,7 @@ _STATS_COMMAND: Final = Command(b"stats\r\n", _STATS)
 # The meta get's flags (protocol.txt, "Meta Get"): k the key, v the value, f the client
 # flags, t the seconds left (-1: never expires), c the cas unique; all in one reply.
 _META_GET_FLAGS: Final = b" k v f t c\r\n"
+_GAT_WORDS: Final = frozenset({b"gat", b"gats"})  # their first argument is an exptime
 
 
 def check_key(key: bytes) -> bytes:
@@ -164,6 +171,15 @@ def touch(key: bytes, exptime: int) -> Command:
     return Command(b"touch %b %d\r\n" % (key, exptime), ReplyKind.TOUCH)
 
 
+def gat(key: bytes, exptime: int) -> Command:
+    """``gat`` (get and touch, memcached >= 1.5.3): a new ``exptime`` (seconds, as for
+    set) for the item, which comes back with it. Replies Values, as a get (empty: absent);
+    the item is the value as stored, whose record says whether it is a logout."""
+    check_key(key)
+    exptime = _check_number("exptime", exptime, _MAX_EXPTIME)
+    return Command(b"gat %d %b\r\n" % (exptime, key), _RETRIEVAL)
+
+
 def version() -> Command:
     """``version``: replies a Version; a cheap liveness probe."""
     return _VERSION_COMMAND
@@ -234,16 +250,20 @@ class Version:
 class ErrorReply:
     """ERROR, CLIENT_ERROR or SERVER_ERROR: the whole reply to one command.
 
-    The stream stays in step (protocol.txt, "Error strings"), but after a severe
-    SERVER_ERROR the server closes the connection.
+    The parser reads it as the whole reply, but the stream is in step after it only for
+    a SERVER_ERROR (the server read the command and its data, then failed to do it;
+    after a severe one it closes the connection itself). After ERROR or CLIENT_ERROR
+    the server may have skipped part of our bytes or may still read some as a command
+    (protocol.txt, "Error strings"), so the transport closes the connection
+    (memsess.transport.exchange: ``keep``).
     """
 
     kind: str
     message: str
 
-    def to_exception(self) -> ServerError:
-        """The ServerError to raise for this reply."""
-        return ServerError(self.kind, self.message)
+    def to_exception(self, *, server: str | None = None) -> ServerError:
+        """The ServerError for this reply, naming ``server`` (its address) if given."""
+        return ServerError(self.kind, self.message, server=server)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +330,7 @@ class ClientProtocol:
         "_stats",
     )
 
-    def __init__(self, *, max_value_size: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, *, max_value_size: int = DEFAULT_MAX_VALUE_SIZE) -> None:
         """``max_value_size``: the longest value, in bytes, a get or meta get reply may carry
         (default 64 MiB); a longer one is a ProtocolError before its data is buffered."""
         self._max_value_size = _check_number("max_value_size", max_value_size, 2**63)
@@ -326,6 +346,11 @@ class ClientProtocol:
     def pending(self) -> int:
         """Commands sent whose reply next_reply has not returned yet."""
         return len(self._expected)
+
+    @property
+    def max_value_size(self) -> int:
+        """The longest value in bytes a reply may carry (see __init__)."""
+        return self._max_value_size
 
     def send(self, command: Command) -> bytes:
         """Queue the reply ``command`` expects and return the bytes to write."""
@@ -486,7 +511,9 @@ class ClientProtocol:
         # asked for. The command's keys are split out only once an item arrives.
         asked = self._asked
         if asked is None:
-            asked = self._asked = command.data.split()[1:]  # past "get"/"gets"
+            words = command.data.split()
+            # Past "get"/"gets", and past the exptime of "gat"/"gats".
+            asked = self._asked = words[2:] if words[0] in _GAT_WORDS else words[1:]
         if key not in asked:
             raise ProtocolError(f"an item under key {_excerpt(key)} that was not asked for")
 

@@ -11,12 +11,13 @@ miss, a corrupt copy or an older copy decides nothing while another live copy is
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import Final
 
 from memsess.cluster import Cluster
+from memsess.copies import Copy
 from memsess.errors import MemsessError
 from memsess.protocol import Item, Values
-from memsess.records import Record, decode_record
+from memsess.records import decode_record
 from memsess.sealing import Sealer
 from memsess.transport import Result
 
@@ -27,18 +28,6 @@ _INF: Final = float("inf")
 MARKER_MAX_AGE: Final = 1.0
 # A marker that is not a plain number is read as "trust nothing older than anything".
 _UNTRUSTED: Final = 2**64
-
-
-# A NamedTuple rather than a frozen dataclass: one is made per copy read, and a frozen
-# dataclass's __init__ sets each field through object.__setattr__.
-class Copy(NamedTuple):
-    """One server's answer to a read of one session."""
-
-    record: Record | None  # None: no item, or an item that is not an intact record
-    raw: bytes
-    cas: int | None  # the item's cas unique, for a guarded repair
-    problem: str  # why an item there is unreadable; "" otherwise
-    trusted: bool  # may decide the read alone (see the module docstring)
 
 
 class _Rule:
@@ -131,6 +120,8 @@ class ReadRule(_Rule):
             found = items[0] if items else None
         if found is None:
             return Copy(None, b"", None, "", False)
+        # memsess.copies.open_copy's decode, inlined (one per copy read), then the trust
+        # this server's floors give the copy: tests/test_rules.py pins that they agree.
         sealer = self._sealer
         try:
             if sealer is None:

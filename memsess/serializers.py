@@ -308,7 +308,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")  # Python's json accepts NaN, Infinity
 
 
-_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
+def _finite_float(text: str) -> float:
+    # A number too large for a float (1e999) would read as inf, which dumps() refuses:
+    # a session read that could never be saved again. Such bytes were not written by
+    # memsess, so the copy is corrupt, as with NaN and Infinity.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]!r} is out of a float's range")
+    return value
+
+
+_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 class JSONSerializer:

@@ -18,9 +18,11 @@ from types import TracebackType
 from typing import Any, Final, NamedTuple, TypeVar
 
 from memsess import protocol
-from memsess.cluster import Cluster, ServerStatus
-from memsess.dsn import ServerSpec, parse_dsn
+from memsess.cluster import Cluster, ServerStatus, check_straggler_window
+from memsess.dsn import ServerSpec, parse_dsn, with_defaults
 from memsess.errors import (
+    MemsessError,
+    ServerError,
     SessionConflictError,
     SessionGoneError,
     SessionIdError,
@@ -30,8 +32,8 @@ from memsess.errors import (
 )
 from memsess.maintenance import Maintenance
 from memsess.metrics import Metrics
-from memsess.plans import Conflict, Flow, Plans, Step, short
-from memsess.protocol import Status
+from memsess.plans import LOCK_SUFFIX, Conflict, Flow, Plans, Step, short
+from memsess.protocol import MAX_KEY_LENGTH, Status
 from memsess.records import (
     DATA,
     DEFAULT_MAX_SESSION_SIZE,
@@ -53,13 +55,17 @@ from memsess.sealing import Sealer
 from memsess.serializers import SERIALIZERS, Serializer, get_serializer
 from memsess.transport import Result
 
-__all__ = ["DEFAULT_TTL", "SessionLock", "SessionStore", "Snapshot", "StoreCore"]
+__all__ = ["DEFAULT_TTL", "MAX_KEY_PREFIX", "SessionLock", "SessionStore", "Snapshot", "StoreCore"]
 
 log = logging.getLogger("memsess.store")
 
 DEFAULT_TTL: Final = 1440  # seconds; PHP's session.gc_maxlifetime
 DEFAULT_REDUNDANCY: Final = 2  # PHP's memcache.session_redundancy
 DEFAULT_MAX_ITEM_SIZE: Final = 1024 * 1024  # memcached's default -I (1 MiB)
+# memcached's -I takes 1k to 1024m (memcached.c: "Item max size cannot be less than 1024
+# bytes" and "...cannot be larger than 1GB").
+_MIN_ITEM_SIZE: Final = 1024
+_MAX_ITEM_SIZE: Final = 1024 * 1024 * 1024
 # memcached refuses an exptime over 30 days as relative: it reads it as a Unix time.
 _MAX_RELATIVE_EXPTIME: Final = 30 * 24 * 3600
 # memcached 1.6 keeps times in 32 bits (protocol._MAX_EXPTIME).
@@ -79,6 +85,9 @@ _LOCK_PAUSE: Final = 0.005  # seconds before the first retry of a lock; doubles 
 _LOCK_MAX_PAUSE: Final = 0.1
 # Room memcached needs in an item besides the value: item header, key, suffix.
 _ITEM_OVERHEAD: Final = 512
+#: The longest key_prefix in bytes: memcached keys are at most 250 bytes, and a session's
+#: lock key is the prefix, the id's digest and LOCK_SUFFIX (the marker key is shorter).
+MAX_KEY_PREFIX: Final = MAX_KEY_LENGTH - len(storage_key(b"", new_id())) - len(LOCK_SUFFIX)
 
 T = TypeVar("T")
 S = TypeVar("S", bound="StoreCore")
@@ -162,6 +171,15 @@ class SessionLock:
         self.release()
 
 
+def _check_snapshot(snapshot: Snapshot | None, sid: str) -> None:
+    """ValueError unless ``snapshot`` (if any) was loaded for session ``sid``."""
+    if snapshot is not None and snapshot.sid != sid:
+        # Not the sid itself: ids are secrets, and this ends up in logs.
+        raise ValueError(
+            "snapshot is of another session: pass the snapshot fetch() gave for this sid"
+        )
+
+
 def _with_credentials(
     servers: Sequence[ServerSpec], username: str | None, password: str | None
 ) -> Sequence[ServerSpec]:
@@ -176,13 +194,55 @@ def _with_credentials(
     ]
 
 
-def _byte_count(value: object, name: str, minimum: int) -> int:
-    """``value`` if it is a whole number of bytes of at least ``minimum``."""
+def _byte_count(value: object, name: str, minimum: int, maximum: int | None = None) -> int:
+    """``value`` if it is a whole number of bytes of at least ``minimum`` (and at most
+    ``maximum``)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a whole number of bytes, not {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum} bytes, not {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum} bytes, not {value}")
     return value
+
+
+def _key_prefix_bytes(key_prefix: object) -> bytes:
+    """The bytes that start every key of the store, from its ``key_prefix`` option (a str
+    of printable ASCII, or bytes): TypeError or ValueError naming it and why not."""
+    if not isinstance(key_prefix, (str, bytes)):
+        raise TypeError(f"key_prefix must be a str (or bytes), not {type(key_prefix).__name__}")
+    if not key_prefix.isascii():  # keys are ASCII end to end: the hash ring reads them as text
+        raise ValueError(f"key_prefix {key_prefix!r} is not ASCII, as memcached keys are here")
+    prefix = key_prefix.encode("ascii") if isinstance(key_prefix, str) else key_prefix
+    for byte in prefix:
+        if byte <= 0x20 or byte == 0x7F:  # protocol.check_key's rule, for every key
+            what = "a space" if byte == 0x20 else "a control character"
+            raise ValueError(
+                f"key_prefix {key_prefix!r} holds {what} (byte 0x{byte:02x}), which no"
+                " memcached key may hold: use e.g. '_' or ':' instead"
+            )
+    if len(prefix) > MAX_KEY_PREFIX:
+        raise ValueError(
+            f"key_prefix is {len(prefix)} bytes long: at most {MAX_KEY_PREFIX} leave room in"
+            f" memcached's {MAX_KEY_LENGTH}-byte keys for the session's digest"
+        )
+    return prefix
+
+
+def _check_servers(servers: object) -> Sequence[ServerSpec]:
+    if isinstance(servers, (str, bytes)):
+        raise TypeError(
+            "servers is a sequence of ServerSpec; for a save_path string use"
+            " from_dsn(save_path, ...)"
+        )
+    if not isinstance(servers, Sequence) or not all(
+        isinstance(spec, ServerSpec) for spec in servers
+    ):
+        raise TypeError(
+            "servers must be a sequence of memsess.ServerSpec (memsess.parse_dsn gives"
+            f" one), not {type(servers).__name__}; or use from_dsn(save_path, ...)"
+        )
+    return servers
 
 
 class StoreCore:
@@ -197,7 +257,7 @@ class StoreCore:
         redundancy: int | None = None,
         ttl: float = DEFAULT_TTL,
         serializer: str | Serializer = "msgpack",
-        key_prefix: str = "memsess:",
+        key_prefix: str | bytes = "memsess:",
         straggler_window: float | None = None,
         max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
         secret_keys: Sequence[str | bytes] | None = None,
@@ -207,14 +267,24 @@ class StoreCore:
         ssl_context: ssl.SSLContext | None = None,
         username: str | None = None,
         password: str | None = None,
+        timeout: float | None = None,
+        retry_interval: float | None = None,
     ) -> None:
         """``redundancy``: copies of each session (default 2, or fewer when the
         DSN lists fewer servers). ``ttl``: seconds a session lives after its
         last save or touch (default 1440; a fraction is rounded up to whole
-        seconds, memcached's unit). ``straggler_window``: seconds the copies still
-        silent get once the others' answers are conclusive (default: adapted to
-        each server's latency, see docs/consistency.md). ``max_item_size``: the
-        servers' ``-I`` item size in bytes (default 1 MiB).
+        seconds, memcached's unit). ``key_prefix``: what every memcached key of the
+        store starts with (default "memsess:"; printable ASCII without spaces, at most
+        MAX_KEY_PREFIX bytes), kept as given (a str stays a str). ``straggler_window``:
+        seconds the copies still silent get once the others' answers are conclusive
+        (default: adapted to each server's latency, see docs/consistency.md).
+        ``max_item_size``: the servers' ``-I`` item size in bytes (default 1 MiB, as
+        memcached's): a larger session is refused before anything is sent, and no reply
+        may carry a longer value. Set it to the servers' ``-I`` when that is smaller.
+
+        ``timeout`` and ``retry_interval``: seconds, for every server whose save_path
+        entry does not set its own (default: PHP's, 1 and 15 s); see
+        :func:`memsess.dsn.with_defaults`.
 
         ``secret_keys``: seal every record written (AES-256-GCM, see memsess.sealing)
         with the first of these keys (each a str of 32+ characters or 32+ bytes, e.g.
@@ -232,17 +302,31 @@ class StoreCore:
         DSN entry cannot say (default: built from the entry's ``tls_*`` parameters).
         ``username``/``password``: memcached ASCII authentication (``-Y``) for every
         server whose DSN entry has no ``user:password@`` of its own."""
-        servers = _with_credentials(servers, username, password)
+        # Every option is checked here, before anything else is made: a bad value is an
+        # error at start-up, never at the first request (or the first slow one).
+        servers = _with_credentials(_check_servers(servers), username, password)
+        servers = with_defaults(servers, timeout=timeout, retry_interval=retry_interval)
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            kind = type(ssl_context).__name__
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not {kind}")
         if ssl_context is not None and not any(spec.tls for spec in servers):
             raise ValueError(
                 "ssl_context is given but no server is reached over TLS: write tls://host:port"
             )
         if redundancy is None:
             redundancy = min(DEFAULT_REDUNDANCY, len(servers))
+        if straggler_window is not None:
+            straggler_window = check_straggler_window(straggler_window)
         self.ttl = lifetime_seconds(ttl)
+        self._exptime(self.ttl)  # ValueError now for a lifetime that ends past 2038
         self.serializer = get_serializer(serializer)
-        self.key_prefix = key_prefix.encode("ascii")
-        self.max_value_size = max_item_size - _ITEM_OVERHEAD - len(self.key_prefix)
+        #: As given: a str stays a str. The hot path uses the bytes, encoded once.
+        self.key_prefix = key_prefix
+        self._prefix = _key_prefix_bytes(key_prefix)
+        self.max_item_size = _byte_count(
+            max_item_size, "max_item_size", _MIN_ITEM_SIZE, _MAX_ITEM_SIZE
+        )
+        self.max_value_size = max_item_size - _ITEM_OVERHEAD - len(self._prefix)
         # Sealing and compression are off by default: a memsess older than them reads a
         # sealed or compressed record as no session (a corrupt copy), so turning either
         # on is a deliberate rollout step, once every process that reads these servers
@@ -262,11 +346,14 @@ class StoreCore:
             straggler_window=straggler_window,
             metrics=self._metrics,
             ssl_context=ssl_context,
+            # No reply can carry more than an item holds: a longer value is refused
+            # before it is buffered.
+            max_value_size=max_item_size,
         )
         self._plans = Plans(
             self._cluster,
             self._metrics,
-            key_prefix=self.key_prefix,
+            key_prefix=self._prefix,
             sealer=self._sealer,
             exptime=self._exptime,
             # Lambdas: the maintenance is built next, and runs these very plans.
@@ -277,12 +364,17 @@ class StoreCore:
         # whichever driver the requests use: no request ever waits for them.
         self._maintenance = Maintenance(self._cluster, self._plans, self._run)
         self._cluster.on_down = self._maintenance.wake
+        if self._cluster.next_probe_at() is not None:  # a host that did not resolve
+            self._maintenance.wake()
         self._shared_init()
 
     @classmethod
-    def from_dsn(cls: type[S], dsn: str, **options: Any) -> S:
+    def from_dsn(cls: type[S], dsn: str | Sequence[str], **options: Any) -> S:
         """A store for the servers of a PHP-style save_path, e.g.
-        ``"tcp://10.0.0.1:11211?weight=2&timeout=0.5, unix:///run/memcached.sock"``."""
+        ``"tcp://10.0.0.1:11211?weight=2&timeout=0.5, unix:///run/memcached.sock"``, or
+        of a list or tuple of such strings (``["10.0.0.1:11211", "10.0.0.2:11211"]``);
+        ``options`` are the constructor's (``timeout=`` and ``retry_interval=`` apply to
+        the entries without their own)."""
         return cls(parse_dsn(dsn), **options)
 
     @classmethod
@@ -305,10 +397,15 @@ class StoreCore:
 
     new_id = staticmethod(new_id)
 
+    def storage_key(self, sid: str) -> bytes:
+        """The memcached key of ``sid``'s copies (``key_prefix`` + a digest of the id):
+        what ``memsess inspect`` shows, and what a test reads with a raw client."""
+        return storage_key(self._prefix, sid)
+
     def locate(self, sid: str) -> tuple[str, ...]:
         """The addresses of the servers that hold (or would hold) the copies of
         ``sid``, in ring order, whether they are up or not."""
-        key = storage_key(self.key_prefix, sid).decode("ascii")
+        key = storage_key(self._prefix, sid).decode("ascii")
         servers = self._cluster.servers
         return tuple(servers[index].name for index in self._cluster.replica_set(key))
 
@@ -327,7 +424,7 @@ class StoreCore:
 
     def _fetch(self, sid: str, *, count: bool = True) -> Flow[Snapshot | None]:
         try:
-            key = storage_key(self.key_prefix, sid)  # memoized: no regex for a known id
+            key = storage_key(self._prefix, sid)  # memoized: no regex for a known id
         except SessionIdError:
             return None
         if count:
@@ -350,11 +447,12 @@ class StoreCore:
         snapshot: Snapshot | None,
         on_conflict: str = "error",
     ) -> Flow[None]:
-        key = storage_key(self.key_prefix, sid)  # SessionIdError before anything is done
+        key = storage_key(self._prefix, sid)  # SessionIdError before anything is done
         if on_conflict not in ON_CONFLICT:
             raise ValueError(
                 f"on_conflict must be one of {', '.join(ON_CONFLICT)}: {on_conflict!r}"
             )
+        _check_snapshot(snapshot, sid)
         seconds = self.ttl if ttl is None else lifetime_seconds(ttl)
         exptime = self._exptime(seconds)
         self._metrics.add("saves")
@@ -389,7 +487,7 @@ class StoreCore:
                 pause = random.uniform(0, min(_MERGE_JITTER_CAP, _MERGE_JITTER * 2**round_))
                 yield Step([], AllAnswers(self._cluster, []), False, pause)
                 continue
-            self._require_stored(results, "save")
+            self._require_stored(results, "save", len(record))
             return
         raise SessionConflictError(
             f"the session kept being saved elsewhere: {_MERGE_ROUNDS} merges lost the race",
@@ -434,23 +532,22 @@ class StoreCore:
     def _touch(self, sid: str, ttl: float | None) -> Flow[bool]:
         if not is_valid_id(sid):
             return False
-        key = storage_key(self.key_prefix, sid)
-        command = protocol.touch(key, self._exptime(None if ttl is None else lifetime_seconds(ttl)))
+        key = storage_key(self._prefix, sid)
+        exptime = self._exptime(None if ttl is None else lifetime_seconds(ttl))
         self._metrics.add("touches")
-        results = yield from self._plans.write(key, command, ok=Status.TOUCHED)
-        return any(result is Status.TOUCHED for result in results)
+        return (yield from self._plans.touch(key, exptime))
 
     def _delete(self, sid: str) -> Flow[None]:
         if not is_valid_id(sid):
             return
-        key = storage_key(self.key_prefix, sid)
+        key = storage_key(self._prefix, sid)
         tombstone = encode_record(self._clock.tick(), TOMBSTONE, self.serializer.id, ttl=self.ttl)
         if self._sealer is not None:  # else anyone could forge the logout's version
             tombstone = self._sealer.seal(key, tombstone)
         command = protocol.set(key, tombstone, flags=FLAGS, exptime=self._exptime(None))
         self._metrics.add("deletes")
         results = yield from self._plans.write(key, command)
-        self._require_stored(results, "delete")
+        self._require_stored(results, "delete", len(tombstone))
 
     def _regenerate(
         self,
@@ -459,6 +556,7 @@ class StoreCore:
         ttl: float | None,
         snapshot: Snapshot | None,
     ) -> Flow[str]:
+        _check_snapshot(snapshot, sid)
         if snapshot is not None and (yield from self._fetch(sid)) is None:
             raise SessionGoneError("the session was logged out since it was loaded")
         if data is None:
@@ -472,7 +570,7 @@ class StoreCore:
         return fresh
 
     def _lock(self, sid: str, token: bytes, lease: float, wait: float) -> Flow[None]:
-        key = storage_key(self.key_prefix, sid)
+        key = storage_key(self._prefix, sid)
         seconds = lifetime_seconds(lease, name="lease")
         deadline = time.monotonic() + wait
         pause = _LOCK_PAUSE
@@ -489,7 +587,7 @@ class StoreCore:
         self._metrics.add("locks")
 
     def _unlock(self, sid: str, token: bytes) -> Flow[None]:
-        yield from self._plans.release(storage_key(self.key_prefix, sid), token)
+        yield from self._plans.release(storage_key(self._prefix, sid), token)
 
     # -- the blocking driver ------------------------------------------------------------
 
@@ -508,18 +606,21 @@ class StoreCore:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _require_stored(self, results: list[Result], operation: str) -> None:
-        """Raise WriteError when no copy was stored; count (and log what is new
-        about) a write that reached fewer copies than the redundancy."""
+    def _require_stored(self, results: list[Result], operation: str, size: int) -> None:
+        """Raise WriteError when no copy was stored (of ``size`` bytes), its cause the
+        first server's error; count (and log what is new about) a write that reached
+        fewer copies than the redundancy. Each server's error names the server."""
         stored = 0
         for result in results:
             if result is Status.STORED:
                 stored += 1
         if not stored:
-            raise WriteError(
+            error = WriteError(
                 f"{operation}: no copy could be stored: "
                 + "; ".join(str(result) for result in results)
+                + self._item_size_hint(results, size)
             )
+            raise error from next((r for r in results if isinstance(r, MemsessError)), None)
         if stored < self._cluster.redundancy:
             self._metrics.add("partial_writes")
             failed = [str(result) for result in results if result is not Status.STORED]
@@ -527,12 +628,28 @@ class StoreCore:
             # only a copy that was asked and failed is news.
             if failed:
                 log.info(
-                    "%s reached %d of %d copies: %s (repaired in the background when it answers)",
+                    "%s reached %d of %d copies: %s (repaired in the background when it answers)%s",
                     operation,
                     stored,
                     self._cluster.redundancy,
                     "; ".join(failed),
+                    self._item_size_hint(results, size),
                 )
+
+    def _item_size_hint(self, results: list[Result], size: int) -> str:
+        """What to do when a server refused the record as too large for its items: the
+        store's max_item_size is over that server's -I, so the size check that refuses
+        such a session before sending anything let it through."""
+        if not any(
+            isinstance(result, ServerError) and "too large" in result.message for result in results
+        ):
+            return ""
+        return (
+            f"; the record is {size} bytes, over those servers' item size (memcached -I),"
+            f" while max_item_size is {self.max_item_size} bytes: set max_item_size to the"
+            " servers' -I (so that a session too large raises SessionTooLargeError before"
+            " anything is sent), or start memcached with a larger -I"
+        )
 
     def _decode_payload(self, key: bytes, record: Record) -> dict[str, Any] | None:
         serializer = SERIALIZERS.get(record.serializer_id)
@@ -605,14 +722,18 @@ class SessionStore(StoreCore):
         now; "merge" applies the keys this save set or deleted (against the
         snapshot) on top of the current session and saves that, the later value
         winning for a key both changed; "overwrite" stores ``data`` over it (last
-        writer wins). Raises SessionIdError for a malformed id and
-        SessionTooLargeError for data over the item size (nothing is sent either
-        way), WriteError when no copy could be stored."""
+        writer wins). Raises SessionIdError for a malformed id,
+        SessionTooLargeError for data over the item size and ValueError for a
+        snapshot of another session (nothing is sent in each case), WriteError when
+        no copy could be stored (each server's error named in it)."""
         self._run(self._save(sid, data, ttl, snapshot, on_conflict))
 
     def touch(self, sid: str, *, ttl: float | None = None) -> bool:
         """Extend the lifetime of every copy to ``ttl`` seconds (default: the
-        store's); False when no copy exists or the id is malformed."""
+        store's); True when the session exists, False when no copy exists, the
+        session was logged out (as :meth:`load` would say) or the id is malformed.
+        Each copy comes back with its touch (memcached's ``gat``), so a touch costs
+        the session's bytes once more, in the same single round trip."""
         return self._run(self._touch(sid, ttl))
 
     def delete(self, sid: str) -> None:

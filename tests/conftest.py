@@ -14,7 +14,6 @@ from blocking_async import store_for
 
 from memsess import SessionStore
 from memsess.protocol import Command
-from memsess.records import storage_key
 from memsess.testing import LocalCluster
 from memsess.transport import DEFAULT_STRAGGLER_WINDOW, FirstReply, Result, ServerPool
 from memsess.transport import fanout as blocking_fanout
@@ -84,7 +83,7 @@ def server_indexes(cluster: LocalCluster, store: SessionStore, sid: str) -> list
 
 
 def key_of(store: SessionStore, sid: str) -> bytes:
-    return storage_key(store.key_prefix, sid)
+    return store.storage_key(sid)
 
 
 def all_keys(cluster: LocalCluster) -> set[tuple[int, bytes]]:

@@ -500,9 +500,8 @@ def test_asgi_lock_policy_answers_503_when_the_lock_is_not_had(
 
 def storage_key_of(store: SessionStore, sid: str) -> bytes:
     from memsess.plans import LOCK_SUFFIX
-    from memsess.records import storage_key
 
-    return storage_key(store.key_prefix, sid) + LOCK_SUFFIX
+    return store.storage_key(sid) + LOCK_SUFFIX
 
 
 # -- eight requests at once, the same key, a logout: through ASGI, on one event loop ------

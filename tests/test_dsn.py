@@ -20,6 +20,7 @@ from memsess.dsn import (
     ServerSpec,
     format_dsn,
     parse_dsn,
+    with_defaults,
 )
 from memsess.errors import DSNError
 
@@ -797,3 +798,126 @@ def test_a_password_typed_raw_never_shows(
     else:
         assert "XQ" not in repr(servers)
         assert all("XQ" not in server.host for server in servers)
+
+
+# -- PHP's persistent flag, and php-memcached's save_path ------------------------------
+
+
+def test_persistent_0_is_read_and_documented_as_changing_nothing() -> None:
+    # PHP users copy persistent=0 (the session handler's default) from their config:
+    # it parses, and the docs say why memsess pools connections anyway.
+    (server,) = parse_dsn("tcp://h:11211?persistent=0")
+    assert server.persistent is False
+    assert "changes nothing" in (ServerSpec.__doc__ or "")
+    assert "pools connections" in (parse_dsn.__doc__ or "")
+
+
+@pytest.mark.parametrize(
+    "save_path",
+    [
+        "PERSISTENT=myapp 10.0.0.1:11211:1, 10.0.0.2:11211:1",
+        "persistent=myapp 10.0.0.1:11211",
+        "10.0.0.1:11211:1",
+        "tcp://10.0.0.1:11211, cache.example:11211:2",
+    ],
+)
+def test_php_memcached_save_path_says_which_extensions_syntax_memsess_reads(
+    save_path: str,
+) -> None:
+    with pytest.raises(DSNError) as raised:
+        parse_dsn(save_path)
+    message = str(raised.value)
+    assert "PHP memcache's (pecl/memcache) session.save_path, not php-memcached's" in message
+    assert "write tcp://host:port" in message
+
+
+def test_an_ipv6_address_without_brackets_is_still_told_to_use_brackets() -> None:
+    with pytest.raises(DSNError, match=r"IPv6 address in brackets"):
+        parse_dsn("fe80::1:11211")
+
+
+# -- store-wide timeout and retry_interval -------------------------------------------
+
+
+def test_store_wide_timeout_and_retry_interval_apply_only_where_an_entry_has_none() -> None:
+    servers = parse_dsn(
+        "tcp://a?timeout=2, tcp://b?retry_interval=30, tcp://c?timeout=1&retry_interval=15, d",
+        timeout=0.25,
+        retry_interval=5,
+    )
+    timings = [(server.timeout, server.retry_interval) for server in servers]
+    # c gives PHP's defaults itself: given as the default is still given.
+    assert timings == [(2.0, 5.0), (0.25, 30.0), (1.0, 15.0), (0.25, 5.0)]
+
+
+def test_without_store_wide_values_entries_keep_phps_defaults() -> None:
+    (server,) = parse_dsn("tcp://a")
+    assert (server.timeout, server.retry_interval) == (DEFAULT_TIMEOUT, DEFAULT_RETRY_INTERVAL)
+    assert server.defaulted == {"timeout", "retry_interval"}
+    (written,) = parse_dsn("tcp://a?timeout=1")
+    assert written.defaulted == {"retry_interval"}
+    assert written == server  # what was written down does not change what a spec is
+
+
+def test_with_defaults_leaves_a_spec_made_by_hand_alone() -> None:
+    by_hand = tcp("a")
+    assert with_defaults([by_hand], timeout=0.25, retry_interval=3) == (by_hand,)
+    (parsed,) = with_defaults(parse_dsn("tcp://a"), timeout=0.25)
+    assert (parsed.timeout, parsed.defaulted) == (0.25, {"retry_interval"})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"timeout": float("nan")}, "timeout must be a finite number of seconds > 0"),
+        ({"timeout": 0}, "timeout must be a finite number of seconds > 0"),
+        ({"timeout": True}, "timeout must be a finite number of seconds > 0"),
+        ({"retry_interval": -1}, "retry_interval must be a finite number of seconds >= 0"),
+        ({"retry_interval": float("inf")}, "retry_interval must be a finite number"),
+    ],
+)
+def test_store_wide_values_are_checked_even_when_every_entry_has_its_own(
+    options: dict[str, float], message: str
+) -> None:
+    with pytest.raises(DSNError, match=message):
+        parse_dsn("tcp://a?timeout=1&retry_interval=15", **options)
+
+
+# -- a save_path given as a list of servers ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "save_path",
+    [
+        ["tcp://a:1", "b:2?weight=2"],
+        ("tcp://a:1", "b:2?weight=2"),
+        ["tcp://a:1, b:2?weight=2"],
+        ["tcp://a:1", " b:2?weight=2 "],
+    ],
+)
+def test_a_list_or_tuple_of_server_strings_reads_as_one_save_path(
+    save_path: list[str] | tuple[str, ...],
+) -> None:
+    assert parse_dsn(save_path) == parse_dsn("tcp://a:1, tcp://b:2?weight=2")
+
+
+@pytest.mark.parametrize(
+    ("save_path", "named"),
+    [
+        (b"tcp://a:1", "not bytes"),
+        ({"tcp://a:1"}, "not set"),
+        ({"a": "tcp://a:1"}, "not dict"),
+        (iter(["tcp://a:1"]), "not list_iterator"),
+        (None, "not NoneType"),
+        (["tcp://a:1", 11211], r"save_path\[1\] must be a str .*not int"),
+        ([b"tcp://a:1"], r"save_path\[0\] must be a str .*not bytes"),
+    ],
+)
+def test_anything_else_is_a_type_error_naming_what_was_given(save_path: object, named: str) -> None:
+    with pytest.raises(TypeError, match=named):
+        parse_dsn(save_path)  # type: ignore[arg-type]
+
+
+def test_an_empty_list_lists_no_servers() -> None:
+    with pytest.raises(DSNError, match="lists no servers"):
+        parse_dsn([])

@@ -4,14 +4,17 @@ server and the reason, never the session's contents or its id."""
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import TEST_RETRY_INTERVAL, key_of, server_indexes
+from conftest import TEST_RETRY_INTERVAL, server_indexes
 
 from memsess import SessionStore
-from memsess.records import DATA, FLAGS, encode_record
+from memsess.records import DATA, FLAGS, encode_record, storage_key
 from memsess.serializers import MSGPACK
 from memsess.testing import LocalCluster
 
@@ -35,6 +38,12 @@ def session(store: SessionStore, logs: pytest.LogCaptureFixture) -> Iterator[str
         text = record.getMessage() + repr(record.args) + str(record.exc_info)
         assert MARKER not in text
         assert sid[:12] not in text  # not the id, not even a recognisable part of it
+
+
+def key_of(store: SessionStore, sid: str) -> bytes:
+    """The memcached key of ``sid``'s copies (``key_prefix`` is kept as given: a str)."""
+    prefix = store.key_prefix  # the option as given: a str, or bytes
+    return storage_key(prefix.encode("ascii") if isinstance(prefix, str) else prefix, sid)
 
 
 def lines(logs: pytest.LogCaptureFixture, contains: str) -> list[logging.LogRecord]:
@@ -163,3 +172,39 @@ def test_a_healthy_cluster_logs_nothing(
     store.delete(session)
     assert store.load(session) is None
     assert [r for r in logs.records if r.name.startswith("memsess")] == []
+
+
+NO_LOGGING_APP = """
+import logging, sys
+import memsess
+
+warnings = []
+# A filter sees every record the logger handles, and is no handler: the last-resort
+# handler still applies when nothing else does.
+logging.getLogger("memsess.cluster").addFilter(lambda record: warnings.append(record) or True)
+with memsess.SessionStore.from_dsn(sys.argv[1], redundancy=2, timeout=0.5) as store:
+    sid = store.new_id()
+    store.save(sid, {"n": 1})  # one copy refused: its server is marked down, a warning
+    assert store.load(sid) == {"n": 1}
+print(len([r for r in warnings if r.levelno >= logging.WARNING]))
+"""
+
+
+def test_an_app_that_configured_no_logging_gets_nothing_on_stderr(cluster: LocalCluster) -> None:
+    # Without a handler anywhere, logging's last resort prints WARNING and above to
+    # stderr: where a library's messages go is the application's call (logging HOWTO,
+    # "Configuring Logging for a Library"), so memsess's logger has a NullHandler.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = f"tcp://127.0.0.1:{closed.getsockname()[1]}"
+    dsn = f"tcp://{cluster.servers[0].address}, {refused}"
+    app = subprocess.run(
+        [sys.executable, "-c", NO_LOGGING_APP, dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert app.returncode == 0, app.stderr
+    assert int(app.stdout) >= 1  # the warning was logged...
+    assert app.stderr == ""  # ...and nothing reached stderr

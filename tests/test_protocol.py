@@ -251,6 +251,35 @@ def test_error_reply_becomes_server_error() -> None:
     )
 
 
+def test_server_error_names_its_server_when_known() -> None:
+    error = ErrorReply("SERVER_ERROR", "object too large for cache").to_exception(
+        server="10.0.0.1:11211"
+    )
+    assert str(error) == "memcached 10.0.0.1:11211: SERVER_ERROR object too large for cache"
+    assert (error.kind, error.message, error.server) == (
+        "SERVER_ERROR",
+        "object too large for cache",
+        "10.0.0.1:11211",
+    )
+
+
+def test_gat_touches_and_reads_like_a_get() -> None:
+    command = protocol.gat(b"k", 1440)
+    assert command == Command(b"gat 1440 k\r\n", ReplyKind.RETRIEVAL)
+    wire = b"VALUE k 7 3\r\nabc\r\nEND\r\n"
+    expected = [Values((Item(b"k", 7, b"abc", None),))]
+    for chunks in [[wire], *all_splits(wire)]:
+        # The exptime is not a key: an item under "1440" was never asked for.
+        assert parse([command], chunks) == expected
+    assert parse([command], [b"END\r\n"]) == [Values(())]
+    with pytest.raises(ProtocolError, match="not asked for"):
+        parse([command], [b"VALUE 1440 0 1\r\nx\r\nEND\r\n"])
+    with pytest.raises(InvalidKeyError):
+        protocol.gat(b"a b", 60)
+    with pytest.raises(ValueError, match="exptime"):
+        protocol.gat(b"k", -1)
+
+
 def test_large_value_in_many_chunks() -> None:
     value = os.urandom(1 << 20)
     data = b"VALUE big 0 %d 1\r\n%b\r\nEND\r\n" % (len(value), value)

@@ -1,5 +1,6 @@
-"""The rules that decide when a read or a write has heard enough (memsess.rules), fed
-replies by hand: no server, no clock (time is an argument)."""
+"""The rules that decide when a read or a write has heard enough (memsess.rules), and the
+names of what a read found (memsess.copies), fed replies by hand: no server, no clock
+(time is an argument)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from collections.abc import Iterator
 import pytest
 
 from memsess.cluster import Cluster
+from memsess.copies import CopyStatus, SessionState, classify, open_copy
 from memsess.dsn import ServerSpec
 from memsess.errors import TimeoutError
 from memsess.plans import MARKER_SUFFIX
 from memsess.protocol import Item, Status, Values
 from memsess.records import DATA, FLAGS, TOMBSTONE, encode_record
 from memsess.rules import ReadRule, WriteRule
+from memsess.sealing import Sealer, generate_key
 
 INF = float("inf")
 KEY = b"memsess:" + b"a" * 40
@@ -144,3 +147,105 @@ def test_skewed_weights_still_give_every_key_redundancy_distinct_servers() -> No
     for n in range(500):
         members = skewed.replica_set(f"memsess:{n}")
         assert sorted(members) == [0, 1]
+
+
+# -- what a read found, named once (memsess.copies) -------------------------------------
+
+
+def read(cluster: Cluster, *answers: Values | None, sealer: Sealer | None = None) -> ReadRule:
+    """A read of the three servers that got ``answers`` (None: no answer)."""
+    rule = ReadRule(cluster, [0, 1, 2], KEY, sealer=sealer)
+    for slot, answer in enumerate(answers):
+        if answer is not None:
+            rule.on_result(slot, answer, NOW)
+    return rule
+
+
+def test_a_read_names_its_copies_current_stale_missing_and_unreachable(cluster: Cluster) -> None:
+    found = classify(read(cluster, copy(50), copy(40), MISS).copies)
+    assert found.statuses == (CopyStatus.CURRENT, CopyStatus.STALE, CopyStatus.MISSING)
+    assert found.state is SessionState.LIVE
+    assert found.newest is not None
+    assert found.newest.version == 50
+    unanswered = classify(read(cluster, copy(50), None, MISS).copies)
+    assert unanswered.statuses[1] is CopyStatus.UNREACHABLE
+
+
+def test_a_corrupt_copy_is_named_corrupt_and_the_read_absent_without_another(
+    cluster: Cluster,
+) -> None:
+    corrupt = Values((Item(KEY, FLAGS, b"\xd5garbage", 1),))
+    found = classify(read(cluster, corrupt, MISS, MISS).copies)
+    assert found.statuses == (CopyStatus.CORRUPT, CopyStatus.MISSING, CopyStatus.MISSING)
+    assert (found.state, found.newest) == (SessionState.ABSENT, None)
+
+
+def test_a_newest_tombstone_is_a_logout_and_older_data_is_stale(cluster: Cluster) -> None:
+    found = classify(
+        read(cluster, copy(40), copy(80, kind=TOMBSTONE), copy(80, kind=TOMBSTONE)).copies
+    )
+    assert found.state is SessionState.LOGGED_OUT
+    assert found.statuses == (CopyStatus.STALE, CopyStatus.CURRENT, CopyStatus.CURRENT)
+
+
+def test_only_stale_missing_and_corrupt_copies_are_repaired() -> None:
+    assert {status for status in CopyStatus if status.repaired} == {
+        CopyStatus.STALE,
+        CopyStatus.MISSING,
+        CopyStatus.CORRUPT,
+    }
+
+
+def test_a_copy_newer_than_what_it_is_compared_with_is_newer(cluster: Cluster) -> None:
+    (extra, _, _) = read(cluster, copy(90)).copies
+    assert extra is not None
+    assert extra.status(50) is CopyStatus.NEWER  # an extra copy beside the replica set's
+
+
+def sealed_copy(sealer: Sealer, version: int) -> Values:
+    raw = sealer.seal(KEY, encode_record(version, DATA, 1, b"\x80", ttl=60))
+    return Values((Item(KEY, FLAGS, raw, 7),))
+
+
+def test_a_sealed_copy_is_corrupt_to_the_store_and_sealed_to_a_reader_without_keys(
+    cluster: Cluster,
+) -> None:
+    sealer = Sealer([generate_key()])
+    keyless = read(cluster, sealed_copy(sealer, 50), MISS, MISS).copies
+    store = classify(keyless)  # the store knows it has no keys: it cannot read the copy
+    assert (store.statuses[0], store.state) == (CopyStatus.CORRUPT, SessionState.ABSENT)
+    inspect = classify(keyless, keys_unknown=True)  # the store may hold keys that open it
+    assert (inspect.statuses[0], inspect.state) == (CopyStatus.SEALED, SessionState.SEALED)
+    opened = classify(read(cluster, sealed_copy(sealer, 50), MISS, MISS, sealer=sealer).copies)
+    assert opened.statuses[0] is CopyStatus.CURRENT
+
+
+@pytest.mark.parametrize(
+    ("raw", "flags", "sealed"),
+    [
+        (encode_record(50, DATA, 1, b"\x80", ttl=60), FLAGS, False),
+        (encode_record(50, TOMBSTONE, 1, ttl=60), FLAGS, False),
+        (b"\xd5garbage", FLAGS, False),
+        (encode_record(50, DATA, 1, b"\x80", ttl=60), 0, False),
+        (encode_record(50, DATA, 1, b"\x80", ttl=60), FLAGS, True),
+        (b"\xd5\x04sealed with another key", FLAGS, True),
+    ],
+    ids=["data", "tombstone", "garbage", "foreign-flags", "sealed", "forged-seal"],
+)
+@pytest.mark.parametrize("with_keys", [False, True], ids=["no-keys", "keys"])
+def test_open_copy_decodes_as_the_read_rule_does(
+    cluster: Cluster, raw: bytes, flags: int, sealed: bool, with_keys: bool
+) -> None:
+    # ReadRule inlines open_copy's decode (one per copy read): they must not drift apart.
+    sealer = Sealer([generate_key()])
+    if sealed and raw[:2] != b"\xd5\x04":
+        raw = sealer.seal(KEY, raw)
+    opener = sealer if with_keys else None
+    rule = read(cluster, Values((Item(KEY, flags, raw, 7),)), sealer=opener)
+    in_read = rule.copies[0]
+    assert in_read is not None
+    assert open_copy(raw, flags, 7, KEY, opener) == in_read._replace(trusted=False)
+
+
+def test_open_copy_of_no_item_is_what_the_read_rule_makes_of_a_miss(cluster: Cluster) -> None:
+    assert open_copy(None, 0, None, KEY, None) == read(cluster, MISS).copies[0]

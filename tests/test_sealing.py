@@ -611,9 +611,9 @@ def test_compressed_and_sealed_together(cluster: LocalCluster, make_store: Store
 ADAPTER_OPTIONS = {"secret_keys": [NEW_KEY], "compress_threshold": 64, "compression": "zstd"}
 
 
-def assert_sealed_and_compressed(cluster: LocalCluster, prefix: bytes, sid: str) -> None:
+def assert_sealed_and_compressed(cluster: LocalCluster, prefix: str | bytes, sid: str) -> None:
     """Both copies of ``sid`` hold a record sealed with NEW_KEY, compressed with zstd."""
-    key = storage_key(prefix, sid)
+    key = storage_key(prefix.encode() if isinstance(prefix, str) else prefix, sid)
     raws = [raw for i in range(3) if (raw := cluster.get_raw(i, key)) is not None]
     assert len(raws) == 2
     for raw in raws:

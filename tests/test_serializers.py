@@ -704,6 +704,21 @@ def test_json_loads_raises_value_error_on_bad_input(raw: bytes) -> None:
         JSON.loads(raw)
 
 
+@pytest.mark.parametrize("number", [b"1e999", b"-1e999", b"1.5e309", b"[1e400]"])
+def test_json_number_out_of_a_floats_range_is_corrupt_not_infinity(number: bytes) -> None:
+    # Read as inf, it would be a session that loads but can never be saved again (dumps
+    # refuses inf): no memsess wrote it, so the copy is corrupt.
+    with pytest.raises(ValueError, match="out of a float's range"):
+        JSON.loads(b'{"a":' + number + b"}")
+
+
+def test_json_floats_in_range_still_read_exactly() -> None:
+    data = {"max": 1.7976931348623157e308, "tiny": 5e-324, "neg": -0.0, "third": 1 / 3}
+    loaded = JSON.loads(JSON.dumps(data))
+    assert loaded == data
+    assert all(type(value) is float for value in loaded.values())
+
+
 # --- get_serializer and the registry ----------------------------------------------
 
 

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import pytest
 from blocking_async import DRIVERS, store_for
-from conftest import StoreFactory, all_keys, cpu_burners, key_of, server_indexes
+from conftest import StoreFactory, all_keys, cpu_burners, server_indexes
 from markupsafe import Markup
 
 from memsess import (
@@ -23,7 +23,7 @@ from memsess import (
     SessionTooLargeError,
     Snapshot,
 )
-from memsess.records import FLAGS, decode_record
+from memsess.records import FLAGS, decode_record, storage_key
 from memsess.testing import LocalCluster
 
 
@@ -31,6 +31,12 @@ from memsess.testing import LocalCluster
 def driver(request: pytest.FixtureRequest) -> str:
     """The API on both stores: the blocking one and the asyncio one (awaited for it)."""
     return str(request.param)
+
+
+def key_of(store: SessionStore, sid: str) -> bytes:
+    """The memcached key of ``sid``'s copies (``key_prefix`` is kept as given)."""
+    prefix = store.key_prefix  # the option as given: a str, or bytes
+    return storage_key(prefix.encode("ascii") if isinstance(prefix, str) else prefix, sid)
 
 
 HOSTILE_IDS = [

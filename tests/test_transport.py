@@ -144,9 +144,46 @@ def test_a_server_closing_mid_reply_is_an_error(cluster: LocalCluster, fanout: F
     assert isinstance(result, ConnectionClosedError)
 
 
-def test_unknown_host_is_a_connect_error() -> None:
-    with pytest.raises(ConnectError, match="cannot resolve"):
-        ServerPool(ServerSpec("tcp", "no-such-host.invalid", 11211))
+def test_an_unknown_host_fails_every_connect_at_once_without_a_lookup(
+    monkeypatch: pytest.MonkeyPatch, fanout: Fanout
+) -> None:
+    pool = ServerPool(ServerSpec("tcp", "no-such-host.invalid", 11211))  # no raise: made anyway
+    assert pool.address is None
+    assert isinstance(pool.unresolved, ConnectError)
+
+    def no_lookups(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a DNS lookup in a request")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookups)
+    (result,) = fanout([pool], [get(b"k")])
+    assert isinstance(result, ConnectError)
+    assert result.refused  # the server is marked down at once
+    assert "no-such-host.invalid:11211: cannot resolve host" in str(result)
+
+
+def test_a_host_that_resolves_later_is_reached_once_resolve_succeeds(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch, fanout: Fanout
+) -> None:
+    server = cluster.servers[0]
+    real = socket.getaddrinfo
+    dns_up = False
+
+    def dns(host: str, *args: object, **kwargs: object) -> object:
+        # A name only this test's DNS knows: the server's address, once DNS is back.
+        if host != "memcached-a.test" or not dns_up:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(server.host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    pool = ServerPool(ServerSpec("tcp", "memcached-a.test", server.port, timeout=0.5))
+    assert pool.resolve() is not None  # still down
+    (failed,) = fanout([pool], [get(b"k")])
+    assert isinstance(failed, ConnectError)
+    dns_up = True
+    assert pool.resolve() is None
+    assert pool.unresolved is None
+    assert pool.address is not None
+    assert fanout([pool], [get(b"k")]) == [Values(())]
 
 
 def test_running_out_of_sockets_is_a_connect_error_not_a_crash(

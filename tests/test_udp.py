@@ -18,7 +18,7 @@ import pytest
 from blocking_async import DRIVERS, store_for
 
 from memsess import SessionStore
-from memsess.records import FLAGS, storage_key
+from memsess.records import FLAGS
 from memsess.testing import LocalCluster
 from memsess.transport import UdpPool
 from memsess.transport.udp_core import HEADER
@@ -234,7 +234,7 @@ def test_newest_copy_wins_over_udp_and_the_stale_one_is_repaired_over_tcp(
     with relays[0], relays[1], relays[2]:
         store = make_store(relayed_dsn(udp_cluster, relays))
         sid = store.new_id()
-        key = storage_key(store.key_prefix, sid)
+        key = store.storage_key(sid)
         by_address = {s.address: s.index for s in udp_cluster.servers}
         first, second = (by_address[address] for address in store.locate(sid))
         store.save(sid, {"v": 1})
@@ -409,7 +409,7 @@ def test_a_udp_servers_marker_is_read_over_tcp_and_honoured(
             store.save(sid, {"v": 1})
             by_address = {s.address: s.index for s in udp_cluster.servers}
             first = by_address[store.locate(sid)[0]]
-            marker = store.key_prefix + b"missed-writes"
+            marker = str(store.key_prefix).encode("ascii") + b"missed-writes"
             udp_cluster.set_raw(first, marker, b"%d" % (2**62))  # trust nothing there
             assert store.load(sid) == {"v": 1}
             assert sum(len(relay.requests) for relay in relays) == 0  # two keys: by TCP

@@ -73,8 +73,9 @@ class StreamConnection(asyncio.Protocol):
         self.index = index
         self.transport: asyncio.Transport | None = None
         self.sock: socket.socket | None = None  # ours: closable even after its loop closed
-        self.protocol = ClientProtocol()
-        tls = pools.stream[index].tls
+        pool = pools.stream[index]
+        self.protocol = ClientProtocol(max_value_size=pool.max_value_size)
+        tls = pool.tls
         self.tls = None if tls is None else tls.start()
         self.authenticated = False
         self.batch: AsyncFanout | None = None
@@ -178,15 +179,19 @@ class LoopPools:
             conn.abort()
 
     async def connect(self, index: int) -> StreamConnection:
-        """A new connection to server ``index``; raises OSError when it cannot be made.
-        The address was resolved when the store was made, so no lookup (and no thread)
-        sits in here."""
+        """A new connection to server ``index``; raises OSError when it cannot be made
+        (ConnectError while its host has not resolved). The address is the blocking
+        pool's, resolved when the store was made or by the maintenance thread, so no
+        lookup (and no thread) sits in here."""
         pool = self.stream[index]
+        address = pool.address
+        if address is None:
+            raise pool.unresolved_error()
         loop = self.loop
         sock = socket.socket(pool.family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            await loop.sock_connect(sock, pool.address)
+            await loop.sock_connect(sock, address)
             # (The transport sets TCP_NODELAY on a TCP socket itself.)
             _, conn = await loop.create_connection(self._factories[index], sock=sock)
         except BaseException:
@@ -322,7 +327,8 @@ class AsyncFanout:
         except OSError as exc:
             if self._tasks[slot] is asyncio.current_task():
                 self._tasks[slot] = None
-                self._end(slot, self._connect_error(slot, exc), keep=False)
+                error = exc if isinstance(exc, ConnectError) else self._connect_error(slot, exc)
+                self._end(slot, error, keep=False)
             return
         if self._tasks[slot] is not asyncio.current_task():  # ended meanwhile: keep it
             pools.release(index, conn)

@@ -60,7 +60,8 @@ Result: TypeAlias = Reply | MemsessError
 # Errors from a connection taken from the pool that only mean it went stale while idle
 # (the server restarted or closed it): worth one retry on a new connection.
 _STALE: Final = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
-# Nothing listens there: the server is down, not slow (DESIGN: "marked down at once").
+# Nothing listens there: the server is down, not slow (marked down at once, not after
+# repeated timeouts).
 _REFUSED: Final = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET})
 
 

@@ -15,7 +15,7 @@ from typing import Final, Protocol, TypeVar
 
 from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError
-from memsess.protocol import ClientProtocol
+from memsess.protocol import DEFAULT_MAX_VALUE_SIZE, ClientProtocol
 from memsess.transport.exchange import connect_error
 from memsess.transport.tls import TlsClient, TlsLink
 
@@ -36,16 +36,24 @@ _IN_PROGRESS: Final = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAL
 
 
 class Connection:
-    """One socket with its protocol state: the reply parser, the TLS state of a tls://
-    server, and whether the server has taken our credentials."""
+    """One socket with its protocol state: the reply parser (refusing a value over
+    ``max_value_size`` bytes before buffering it), the TLS state of a tls:// server, and
+    whether the server has taken our credentials."""
 
     __slots__ = ("authenticated", "connected", "fd", "protocol", "reused", "sock", "tls")
 
-    def __init__(self, sock: socket.socket, *, connected: bool, tls: TlsLink | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        connected: bool,
+        tls: TlsLink | None = None,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.connected = connected
-        self.protocol = ClientProtocol()
+        self.protocol = ClientProtocol(max_value_size=max_value_size)
         self.reused = False
         self.tls = tls
         self.authenticated = False
@@ -55,9 +63,25 @@ class Connection:
 
 
 class ServerPool:
-    """Idle connections to one server, shared by every thread of the process."""
+    """Idle connections to one server, shared by every thread of the process.
 
-    __slots__ = ("__weakref__", "_idle", "address", "family", "max_idle", "spec", "tls")
+    Its host is looked up when the pool is made. If that fails, the pool is made all the
+    same, with ``address`` None and ``unresolved`` saying why: every connect then fails
+    at once (ConnectError, ``refused``) until :meth:`resolve` succeeds, which the
+    cluster has the maintenance thread try when the server's probe is due. A DNS lookup
+    never sits in a request, in any driver."""
+
+    __slots__ = (
+        "__weakref__",
+        "_idle",
+        "address",
+        "family",
+        "max_idle",
+        "max_value_size",
+        "spec",
+        "tls",
+        "unresolved",
+    )
 
     def __init__(
         self,
@@ -65,16 +89,39 @@ class ServerPool:
         *,
         max_idle: int = DEFAULT_MAX_IDLE,
         tls: TlsClient | None = None,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
     ) -> None:
-        """``tls``: how to reach a tls:// server (default: from its DSN entry alone)."""
+        """``tls``: how to reach a tls:// server (default: from its DSN entry alone).
+        ``max_value_size``: the longest value in bytes a reply may carry (the store's
+        item size): a longer one is a protocol error before anything of it is buffered."""
         self.spec = spec
         self.max_idle = max_idle
+        self.max_value_size = max_value_size
         #: Shared with the event loops' pools of the same server (memsess.transport.aio).
         self.tls = TlsClient.for_server(spec, None) if tls is None else tls
         self._idle: deque[Connection] = deque()
-        #: Resolved once, here: a DNS lookup must never sit in a request (any driver's).
-        self.family, self.address = _resolve_stream(spec)
+        #: What sockets to the server are opened with, once its host resolved.
+        self.family: socket.AddressFamily = socket.AF_UNIX
+        self.address: str | tuple[str, int] | None = None
+        self.unresolved: ConnectError | None = None
+        self.resolve()
         reset_after_fork(self)
+
+    def resolve(self) -> ConnectError | None:
+        """Look the server's host up if that has not succeeded yet (a blocking DNS
+        lookup: never call it in a request); returns why it still has no address, or
+        None once it has one."""
+        if self.address is not None:
+            return None
+        try:
+            family, address = _resolve_stream(self.spec)
+        except ConnectError as exc:
+            self.unresolved = exc
+            return exc
+        self.family = family
+        self.address = address  # last: a reader that sees it sees the family too
+        self.unresolved = None
+        return None
 
     def acquire(self) -> Connection:
         """An idle connection, or a new one whose connect may still be in progress.
@@ -88,20 +135,32 @@ class ServerPool:
         return conn
 
     def open(self) -> Connection:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        address = self.address
+        if address is None:
+            raise self.unresolved_error()
+        family = self.family
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        if self.family != socket.AF_UNIX:
+        if family != socket.AF_UNIX:
             # Commands are one small write each; Nagle would hold them back.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        code = sock.connect_ex(self.address)
+        code = sock.connect_ex(address)
         tls = self.tls
         link = None if tls is None else tls.start()
+        size = self.max_value_size
         if code == 0:
-            return Connection(sock, connected=True, tls=link)
-        if code in _IN_PROGRESS and self.family != socket.AF_UNIX:
-            return Connection(sock, connected=False, tls=link)
+            return Connection(sock, connected=True, tls=link, max_value_size=size)
+        if code in _IN_PROGRESS and family != socket.AF_UNIX:
+            return Connection(sock, connected=False, tls=link, max_value_size=size)
         sock.close()
         raise connect_error(self.spec, code)
+
+    def unresolved_error(self) -> ConnectError:
+        """The ConnectError of a connect to a server whose host has not resolved yet: a
+        fresh one each time (an exception raised twice would grow its traceback)."""
+        why = self.unresolved
+        reason = str(why) if why is not None else f"memcached {self.spec.name}: not resolved"
+        return ConnectError(reason, refused=True)
 
     def release(self, conn: Connection) -> None:
         """Give back a connection with no reply outstanding."""
@@ -144,9 +203,11 @@ def _resolve_stream(spec: ServerSpec) -> tuple[socket.AddressFamily, str | tuple
 def resolve(
     spec: ServerSpec, port: int, kind: socket.SocketKind
 ) -> tuple[socket.AddressFamily, tuple[str, int]]:
-    """The address family and address of ``spec.host:port``, for sockets of ``kind``.
+    """The address family and address of ``spec.host:port``, for sockets of ``kind``;
+    ConnectError when the host does not resolve.
 
-    Called once, at start-up: a DNS lookup must never sit in a request."""
+    Called when a pool is made, and by the maintenance thread for a server whose host
+    did not resolve then: a DNS lookup must never sit in a request."""
     try:
         infos = socket.getaddrinfo(spec.host, port, type=kind)
     except socket.gaierror as exc:

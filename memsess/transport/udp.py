@@ -16,8 +16,8 @@ from time import monotonic
 from typing import Final
 
 from memsess.dsn import ServerSpec
-from memsess.errors import TimeoutError
-from memsess.protocol import Command, Reply, ReplyKind
+from memsess.errors import ConnectError, TimeoutError
+from memsess.protocol import DEFAULT_MAX_VALUE_SIZE, Command, Reply, ReplyKind
 from memsess.transport.pool import (
     DEFAULT_MAX_IDLE,
     Connection,
@@ -88,8 +88,8 @@ class _UdpConnection(Connection):
 
     __slots__ = ("next_id",)
 
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock, connected=True)
+    def __init__(self, sock: socket.socket, max_value_size: int = DEFAULT_MAX_VALUE_SIZE) -> None:
+        super().__init__(sock, connected=True, max_value_size=max_value_size)
         self.next_id = secrets.randbelow(_ID_SPACE)
 
     def take_id(self) -> int:
@@ -101,7 +101,10 @@ class _UdpConnection(Connection):
 class UdpPool:
     """Idle connected UDP sockets to one server's UDP port, shared by every thread, and
     whether UDP works there (:class:`UdpState`). A socket is held by one read at a time
-    and pooled again only after a complete reply; a forked child drops them all."""
+    and pooled again only after a complete reply; a forked child drops them all.
+
+    A host that does not resolve is handled as :class:`ServerPool` does: ``acquire``
+    raises ConnectError until :meth:`resolve` succeeds (on the maintenance thread)."""
 
     __slots__ = (
         "__weakref__",
@@ -111,16 +114,26 @@ class UdpPool:
         "_lock",
         "fallbacks",
         "max_idle",
+        "max_value_size",
         "replies",
         "spec",
         "state",
+        "unresolved",
     )
 
-    def __init__(self, spec: ServerSpec, *, max_idle: int = DEFAULT_MAX_IDLE) -> None:
+    def __init__(
+        self,
+        spec: ServerSpec,
+        *,
+        max_idle: int = DEFAULT_MAX_IDLE,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+    ) -> None:
+        """``max_value_size``: as for :class:`ServerPool`."""
         if spec.udp_port is None:
             raise ValueError(f"memcached {spec.name} has no udp_port")
         self.spec = spec
         self.max_idle = max_idle
+        self.max_value_size = max_value_size
         self.state = UdpState()
         # Counts of reads answered over UDP and retried over TCP; a diagnostic (a +=
         # racing in two threads may lose one), not a figure anything depends on.
@@ -128,26 +141,49 @@ class UdpPool:
         self.fallbacks = 0
         self._idle: deque[_UdpConnection] = deque()
         self._lock = threading.Lock()
-        self._family, self._address = resolve(spec, spec.udp_port, socket.SOCK_DGRAM)
+        self._family = socket.AF_INET
+        self._address: tuple[str, int] | None = None
+        self.unresolved: ConnectError | None = None
+        self.resolve()
         reset_after_fork(self)
 
+    def resolve(self) -> ConnectError | None:
+        """As :meth:`ServerPool.resolve`, for the UDP port."""
+        if self._address is not None:
+            return None
+        assert self.spec.udp_port is not None  # checked in __init__
+        try:
+            family, address = resolve(self.spec, self.spec.udp_port, socket.SOCK_DGRAM)
+        except ConnectError as exc:
+            self.unresolved = exc
+            return exc
+        self._family = family
+        self._address = address  # last: a reader that sees it sees the family too
+        self.unresolved = None
+        return None
+
     def acquire(self) -> _UdpConnection:
-        """An idle socket, or a new one; raises OSError if none can be opened."""
+        """An idle socket, or a new one; raises OSError if none can be opened
+        (ConnectError while the host has not resolved)."""
         try:
             return self._idle.pop()  # deque.pop is atomic: no lock needed
         except IndexError:
             pass
+        address = self._address
+        if address is None:
+            why = self.unresolved
+            raise ConnectError(str(why) if why else f"memcached {self.spec.name}: not resolved")
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
             # Connected: the kernel drops datagrams from anyone else, and reports ICMP
             # "port unreachable" (no -U) as ECONNREFUSED on this socket.
-            sock.connect(self._address)
+            sock.connect(address)
         except OSError:
             sock.close()
             raise
-        return _UdpConnection(sock)
+        return _UdpConnection(sock, self.max_value_size)
 
     def release(self, conn: Connection) -> None:
         """Pool again a socket whose reply was read in full."""

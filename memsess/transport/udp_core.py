@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from memsess.errors import ProtocolError
-from memsess.protocol import ClientProtocol, Command, ErrorReply, NeedData, Reply
+from memsess.protocol import MAX_LINE_LENGTH, ClientProtocol, Command, ErrorReply, NeedData, Reply
 
 __all__ = [
     "DEFAULT_LOSS_THRESHOLD",
@@ -117,13 +117,27 @@ class UdpRead:
     back by each datagram that arrives, never past ``tcp_deadline`` (the server's own).
     """
 
-    __slots__ = ("command", "datagram", "deadline", "frames", "header", "protocol", "udp_wait")
+    __slots__ = (
+        "command",
+        "datagram",
+        "deadline",
+        "frames",
+        "header",
+        "max_datagrams",
+        "protocol",
+        "udp_wait",
+    )
 
     def __init__(
         self, command: Command, request_id: int, protocol: ClientProtocol, udp_wait: float
     ) -> None:
         self.command = command
         self.protocol = protocol
+        # The most datagrams a reply the parser would take can fill (one value of at most
+        # its max_value_size, and its lines): a reply announced as longer is refused at
+        # its first datagram, before the rest is buffered for reassembly.
+        longest = protocol.max_value_size + 2 * MAX_LINE_LENGTH
+        self.max_datagrams = -(-longest // (MAX_DATAGRAM - _HEADER_SIZE))
         # A single-datagram reply starts with the very header of its request.
         self.header = HEADER.pack(request_id, 0, 1, 0)
         self.datagram = self.header + command.data
@@ -145,6 +159,11 @@ class UdpRead:
             frames = self.frames = Reassembly(HEADER.unpack_from(self.header)[0])
         if frames.add(datagram):
             return self._finish(frames.payload())
+        if frames.total > self.max_datagrams:
+            return (
+                f"a UDP reply of {frames.total} datagrams, longer than any value of at most"
+                f" {self.protocol.max_value_size} bytes (max_value_size)"
+            )
         return None
 
     def progressed(self, now: float, tcp_deadline: float) -> None:
