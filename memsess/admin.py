@@ -1,20 +1,25 @@
-"""Read-only admin calls to one memcached server over memsess's own protocol and transport:
-stats and latency, the UDP listener, and the raw bytes, flags and remaining lifetime of one
-key; and the health a SessionStore gives each server after one probe read.
+"""Admin calls to one memcached server over memsess's own protocol and transport: stats,
+latency and a session-sized round trip, the UDP listener, and the raw bytes, flags and
+remaining lifetime of one key; and the health a SessionStore gives each server after one
+probe read.
 
-Used by ``memsess check`` and ``memsess inspect``; nothing here writes. Every command is
-one exchange under the server's DSN ``timeout`` (a whole-exchange deadline, however the
-reply trickles in), and a server's commands stop at its first failure.
+Used by ``memsess check`` and ``memsess inspect``. Only the round trip writes, under a
+key of its own that it deletes. Every command is one exchange under the server's DSN
+``timeout`` (a whole-exchange deadline, however the reply trickles in), and a server's
+commands stop at its first failure.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import os
 import re
+import secrets
 import select
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +39,9 @@ from memsess.transport.udp_core import UdpRead
 
 __all__ = [
     "LATENCY_SAMPLES",
+    "ROUND_TRIP_INFIX",
+    "ROUND_TRIP_LIFETIME",
+    "ROUND_TRIP_SIZE",
     "UDP_TIMEOUT",
     "RawCopy",
     "ServerCheck",
@@ -42,12 +50,23 @@ __all__ = [
     "describe_error",
     "probe_health",
     "read_copy",
+    "round_trip",
 ]
 
 LATENCY_SAMPLES: Final = 3  # round trips timed per server; the fastest is reported
 #: Seconds the UDP listener gets to answer (less when the server's timeout is shorter);
 #: loopback answers in ~20 us, so a silent listener is off, not slow.
 UDP_TIMEOUT: Final = 0.5
+#: The round trip's key: the store's key_prefix, this, then 32 random hex digits (shorter
+#: than a session's key, so any prefix the store can use fits).
+ROUND_TRIP_INFIX: Final = b"check:"
+#: Bytes of random value stored and read back: a small session record is a few hundred
+#: bytes to a few KB. A server that answers ``stats`` but drops or mangles values (a
+#: proxy in front of a dead pool, a full slab class, a hostile impostor) fails here.
+ROUND_TRIP_SIZE: Final = 2048
+#: Seconds the round trip's item lives if its delete never arrives (a server that hangs
+#: after the set): it cleans up after itself either way.
+ROUND_TRIP_LIFETIME: Final = 30
 _VERSION: Final = protocol.version()
 _PROBE_ID_ATTEMPTS: Final = 1000  # random ids tried to cover every server with a probe load
 # What the transport's messages start with; the tables already name the server.
@@ -102,11 +121,14 @@ class ServerCheck:
     state_reason: str = ""
 
 
-def check_server(spec: ServerSpec) -> ServerCheck:
-    """Stats, version, latency and UDP listener of one server: LATENCY_SAMPLES ``version``
-    round trips and one ``stats``, each within ``spec.timeout`` seconds, then the UDP
-    listener within ``min(spec.timeout, UDP_TIMEOUT)``."""
+def check_server(spec: ServerSpec, key_prefix: bytes) -> ServerCheck:
+    """Stats, version, latency, session round trip and UDP listener of one server:
+    LATENCY_SAMPLES ``version`` round trips, one ``stats`` and a :func:`round_trip` under
+    ``key_prefix``, each command within ``spec.timeout`` seconds, then the UDP listener
+    within ``min(spec.timeout, UDP_TIMEOUT)``. A server whose round trip fails is not
+    reachable (``error`` says which step failed), its stats still shown."""
     samples = []
+    failed = ""
     try:
         pool = ServerPool(spec, max_idle=1)  # one connection, reused: only the first connects
         try:
@@ -115,6 +137,7 @@ def check_server(spec: ServerSpec) -> ServerCheck:
                 _expect(_ask(pool, protocol.version()), Version)
                 samples.append(time.perf_counter() - started)
             stats = _expect(_ask(pool, protocol.stats()), Stats)
+            failed = round_trip(pool, key_prefix)
         finally:
             pool.clear()
     except MemsessError as exc:
@@ -122,7 +145,8 @@ def check_server(spec: ServerSpec) -> ServerCheck:
         return ServerCheck(spec.name, False, describe_error(exc, spec.timeout), udp=udp)
     return ServerCheck(
         spec.name,
-        True,
+        not failed,
+        failed,
         version=stats.entries.get("version", "?"),
         latency_ms=round(min(samples[1:] or samples) * 1000, 3),  # the first one connects
         items=stats.number("curr_items"),
@@ -131,6 +155,47 @@ def check_server(spec: ServerSpec) -> ServerCheck:
         evictions=stats.number("evictions"),
         udp=check_udp(spec),
     )
+
+
+def round_trip(pool: ServerPool, key_prefix: bytes) -> str:
+    """What an application does to a session, once, on ``pool``'s server: ``set`` a
+    ROUND_TRIP_SIZE random value under a key of its own (``key_prefix`` + ROUND_TRIP_INFIX +
+    random hex, living ROUND_TRIP_LIFETIME s), ``get`` it back and compare, ``delete`` it.
+    Returns "" if every step did its job, else the failed step and why (``get: no reply
+    within 1 s``); each step within the server's timeout, none after a failure."""
+    key = protocol.check_key(key_prefix + ROUND_TRIP_INFIX + secrets.token_hex(16).encode())
+    value = os.urandom(ROUND_TRIP_SIZE)
+    steps: list[tuple[str, Command, Callable[[Reply], bool]]] = [
+        (
+            "set",
+            protocol.set(key, value, exptime=ROUND_TRIP_LIFETIME),
+            lambda reply: reply is Status.STORED,
+        ),
+        (
+            "get",
+            protocol.get(key),
+            lambda reply: isinstance(reply, Values) and [i.value for i in reply.items] == [value],
+        ),
+        ("delete", protocol.delete(key), lambda reply: reply is Status.DELETED),
+    ]
+    for step, command, done in steps:
+        try:
+            reply = _ask(pool, command)
+        except MemsessError as exc:
+            return f"{step}: {describe_error(exc, pool.spec.timeout)}"
+        if not done(reply):
+            return f"{step}: {_unexpected(reply)}"
+    return ""
+
+
+def _unexpected(reply: Reply) -> str:
+    if isinstance(reply, ErrorReply):
+        return f"{reply.kind} {reply.message}".strip()
+    if isinstance(reply, Values):
+        return "answered other bytes than were set" if reply.items else "answered no item"
+    if isinstance(reply, Status):
+        return f"answered {reply.name}"
+    return f"unexpected reply {reply!r}"
 
 
 def check_udp(spec: ServerSpec) -> str:

@@ -1,10 +1,12 @@
 """``memsess check`` and ``memsess inspect``: what an operator needs to see of a cluster.
 
-Both only read, through memsess's own protocol and transport (so whatever the DSN can
-say, TLS or credentials, they speak too), each server within its DSN ``timeout`` per
-command. ``check`` asks every server for its stats and loads a few random, absent ids
-through a SessionStore to see the health memsess gives each server; ``inspect`` reads each
-copy of one session and never repairs it (that would change what is being inspected).
+Both go through memsess's own protocol and transport (so whatever the DSN can say, TLS
+or credentials, they speak too), each server within its DSN ``timeout`` per command.
+``check`` asks every server for its stats, stores, reads back and deletes one item of its
+own, and loads a few random, absent ids through a SessionStore to see the health memsess
+gives each server; ``inspect`` reads each copy of one session, classifies the copies as the
+store does (memsess.copies) and never repairs one (that would change what is inspected).
+Exit statuses follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a usage error).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -22,22 +25,14 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from typing import Any, Final, TextIO, TypeVar
+from typing import Any, Final, NoReturn, TextIO, TypeVar
 
 from memsess.admin import RawCopy, ServerCheck, check_server, probe_health, read_copy
+from memsess.copies import Classified, Copy, CopyStatus, classify, open_copy
 from memsess.dsn import ServerSpec, parse_dsn
 from memsess.errors import ConnectError, DSNError, InvalidKeyError, MemsessError
 from memsess.protocol import MAX_KEY_LENGTH, check_key
-from memsess.records import (
-    FLAGS,
-    SEALED_PREFIX,
-    TOMBSTONE,
-    Record,
-    decode_record,
-    is_valid_id,
-    plain_payload,
-    storage_key,
-)
+from memsess.records import Record, is_valid_id, new_id, plain_payload, storage_key
 from memsess.sealing import Sealer
 from memsess.serializers import SERIALIZERS
 from memsess.store import DEFAULT_REDUNDANCY, SessionStore
@@ -52,13 +47,13 @@ __all__ = [
     "add_commands",
 ]
 
+# Server state alone uses 0, 1 and 2 (Nagios' OK, WARNING, CRITICAL); 3 is UNKNOWN.
 EXIT_OK: Final = 0  # every server up (check); every copy current (inspect)
-EXIT_DEGRADED: Final = 1  # a server down or a UDP listener silent; a copy stale or missing
-EXIT_UNMET: Final = 2  # fewer reachable servers than the redundancy; inspect: usage error
-EXIT_NOT_FOUND: Final = 3  # inspect: every server answered, none holds the session
-#: check: a usage or configuration error, nothing was asked (Nagios' UNKNOWN: a monitor
-#: must not page "CRITICAL" for a typo in its own command line). inspect keeps 2 for
-#: these, as 3 already means "no server holds the session" there.
+EXIT_DEGRADED: Final = 1  # a server down or a UDP listener silent; a copy not current
+EXIT_UNMET: Final = 2  # check: fewer reachable servers than the redundancy
+EXIT_NOT_FOUND: Final = 2  # inspect: every server answered, none holds the session
+#: Either command: a usage or configuration error, nothing was asked (a monitor must not
+#: page "CRITICAL" for a typo in its own command line).
 EXIT_UNKNOWN: Final = 3
 PROGRESS_AFTER: Final = 0.5  # seconds of waiting before check reports each server
 
@@ -67,19 +62,21 @@ T = TypeVar("T")
 
 class UsageError(MemsessError, ValueError):
     """An option or DSN that does not make sense (a host that does not resolve, too):
-    nothing is sent, one line goes to stderr, and the command exits with status 3
-    (check) or 2 (inspect)."""
+    nothing is sent, one line goes to stderr, and the command exits with status 3."""
 
 
-_CHECK_EPILOG = """exit status: 0 all servers up; 1 a server is down or its configured UDP
-listener does not answer; 2 fewer servers reachable than --redundancy; 3 a usage or
-configuration error, such as a malformed DSN or a host that does not resolve (nothing sent)"""
-_INSPECT_EPILOG = """exit status: 0 every copy current; 1 a copy is stale, missing, corrupt
-or unreadable; 2 malformed session id or usage error (nothing sent); 3 no server holds it"""
+_CHECK_EPILOG = """exit status: 0 all servers up; 1 a server is down, fails a session-sized
+set/get/delete, or its configured UDP listener does not answer; 2 fewer servers reachable
+than --redundancy; 3 a usage or configuration error, such as a malformed DSN or a host that
+does not resolve (nothing sent)"""
+_INSPECT_EPILOG = """exit status: 0 every copy current; 1 a copy is stale, missing,
+corrupt, sealed or unreachable; 2 no server holds it (every server answered); 3 a usage or
+configuration error, such as a malformed session id (nothing sent)"""
 
 
 #: Where ``inspect`` finds the keys that open sealed records.
 SECRET_KEYS_ENV: Final = "MEMSESS_SECRET_KEYS"  # noqa: S105 - a variable name, no key
+_SEALED_DETAIL: Final = f"sealed record: set ${SECRET_KEYS_ENV} (or --secret-keys-env) to open it"
 
 
 def add_commands(commands: Any) -> None:
@@ -92,6 +89,7 @@ def add_commands(commands: Any) -> None:
         help="copies per session (default 2, or the server count if fewer)",
     )
     common.add_argument("--timeout", type=float, help="seconds per server (default: the DSN's)")
+    common.add_argument("--key-prefix", default="memsess:", help="the store's key_prefix")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("-v", "--verbose", action="store_true", help="log memsess events")
     check = commands.add_parser(
@@ -106,7 +104,6 @@ def add_commands(commands: Any) -> None:
     inspect.add_argument(
         "session_id", metavar="SESSION_ID", help="put -- before an id that starts with '-'"
     )
-    inspect.add_argument("--key-prefix", default="memsess:", help="the store's key_prefix")
     inspect.add_argument("--show-data", action="store_true", help="print session contents")
     inspect.add_argument(
         "--secret-keys-env",
@@ -117,6 +114,31 @@ def add_commands(commands: Any) -> None:
         " where ps would show them)",
     )
     inspect.set_defaults(run=run_inspect)
+    _usage_errors_exit_unknown(check)
+    _usage_errors_exit_unknown(inspect)
+
+
+def _usage_errors_exit_unknown(parser: argparse.ArgumentParser) -> None:
+    """argparse answers a bad command line with its usage and status 2, CRITICAL to a
+    monitor; here it is one line and EXIT_UNKNOWN, as a bad DSN is. (Arguments left over
+    would be refused by the top parser: this one refuses them first, the same way.)"""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(EXIT_UNKNOWN, f"{parser.prog}: {message}\n")
+
+    parse = parser.parse_known_args
+
+    def parse_known_args(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = parse(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+    # Per instance: the parser's class is the top parser's choice (add_subparsers).
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign,assignment]
 
 
 # -- shared helpers -------------------------------------------------------------------------
@@ -140,9 +162,16 @@ def _open_store(specs: list[ServerSpec], **options: Any) -> SessionStore:
     command line: a host that does not resolve, a TLS file that cannot be read, an
     option the store refuses; each becomes a UsageError."""
     try:
-        return SessionStore(specs, **options)
+        store = SessionStore(specs, **options)
     except (ConnectError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
+    # A store starts a server whose host does not resolve as down (a DNS hiccup must not
+    # stop an app from starting); for a command line it is a mistake to say at once.
+    for pool in store._cluster.pools:
+        if pool.unresolved is not None:
+            store.close()
+            raise UsageError(str(pool.unresolved))
+    return store
 
 
 def _gather(jobs: Mapping[str, Callable[[], T]], progress: TextIO) -> dict[str, T]:
@@ -194,22 +223,29 @@ def _configure_logging(verbose: bool) -> None:
 def run_check(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """``memsess check``: print a table (or JSON) of every server; return the exit status.
 
-    Takes at most about (LATENCY_SAMPLES + 1) DSN timeouts and the UDP wait of the slowest
-    server: servers are checked at once, each command within its server's timeout."""
+    Takes at most about (LATENCY_SAMPLES + 4) DSN timeouts (stats, then the set, get and
+    delete of admin.round_trip) and the UDP wait of the slowest server: servers are
+    checked at once, each command within its server's timeout."""
     _configure_logging(args.verbose)
     try:
         specs, redundancy = _servers(args)
+        key_prefix = _key_prefix(args.key_prefix)
         # Each server gets its full timeout, no straggler cut-off: a state other than "up"
         # then means it failed the probe, not that it answered a few ms after its peer.
         patience = max(spec.timeout for spec in specs)
         redundancy_used = min(redundancy, len(specs))
-        store = _open_store(specs, redundancy=redundancy_used, straggler_window=patience)
+        store = _open_store(
+            specs,
+            redundancy=redundancy_used,
+            straggler_window=patience,
+            key_prefix=args.key_prefix,
+        )
     except (DSNError, UsageError) as exc:
         sys.stderr.write(f"memsess check: {exc}\n")
         return EXIT_UNKNOWN
     with store:
         jobs: dict[str, Callable[[], Any]] = {
-            spec.name: partial(check_server, spec) for spec in specs
+            spec.name: partial(check_server, spec, key_prefix) for spec in specs
         }
         jobs["health probe"] = lambda: probe_health(store)
         results = _gather(jobs, sys.stderr)
@@ -278,7 +314,7 @@ class CopyReport:
 
     address: str
     role: str  # "replica 1", "replica 2", ... in ring order; "extra" outside the replica set
-    status: str  # "current", "stale", "missing", "corrupt", "sealed", "unreachable"; "newer"
+    status: str  # a CopyStatus value: "current", "stale", "missing", "corrupt", ...
     kind: str = ""  # "data" or "tombstone"
     version: int | None = None  # microseconds since the epoch when written (hybrid clock)
     size: int | None = None  # bytes stored, 16-byte record header included
@@ -289,49 +325,78 @@ class CopyReport:
 
 def run_inspect(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """``memsess inspect``: print each copy of one session; return the exit status."""
-    if not is_valid_id(args.session_id):
-        sys.stderr.write(
-            "memsess inspect: SESSION_ID is not a memsess session id"
-            " (expected 43 URL-safe characters); nothing was sent\n"
-        )
-        return EXIT_UNMET
     _configure_logging(args.verbose)
-    specs, redundancy = _servers(args)
-    if redundancy > len(specs):
-        raise UsageError(
-            f"--redundancy {redundancy} needs that many servers; the DSN has {len(specs)}"
-        )
-    key = _storage_key(args.key_prefix, args.session_id)
-    with _open_store(specs, redundancy=redundancy, key_prefix=args.key_prefix) as store:
-        replicas = store.locate(args.session_id)  # pure: the ring, nothing sent
-    sealer = _sealer(args.secret_keys_env)
+    try:
+        key, specs, replicas, sealer = _inspect_setup(args)
+    except (DSNError, UsageError) as exc:
+        sys.stderr.write(f"memsess inspect: {exc}\n")
+        return EXIT_UNKNOWN
     reads = _gather({spec.name: partial(read_copy, spec, key) for spec in specs}, sys.stderr)
-    opener = partial(_open, sealer, key)
-    copies = _classify(specs, replicas, reads, opener, show_data=args.show_data)
-    code, state = _inspect_verdict([c for c in copies if c.role != "extra"])
+    copies = {
+        address: None if read.error else open_copy(read.value, read.flags, None, key, sealer)
+        for address, read in reads.items()
+    }
+    # Without keys, inspect cannot tell a sealed copy the store opens from one it does not.
+    keys_unknown = sealer is None
+    replica_set = classify([copies[address] for address in replicas], keys_unknown=keys_unknown)
+    reports = _reports(
+        specs,
+        replicas,
+        replica_set,
+        copies,
+        reads,
+        keys_unknown=keys_unknown,
+        show_data=args.show_data,
+    )
+    code = _inspect_status(replica_set)
+    state = replica_set.state.value
     # The user typed the id, but output gets pasted into tickets: echo a prefix only.
     shown = args.session_id[:8] + "…"
     if args.json:
         report = {"session_prefix": args.session_id[:8], "key": key.decode(), "state": state}
         report["exit_status"] = code
-        copies_json = [dataclasses.asdict(copy) for copy in copies]
+        copies_json = [dataclasses.asdict(copy) for copy in reports]
         json.dump({**report, "copies": copies_json}, out, indent=2, default=str)
         out.write("\n")
     else:
-        out.write(_inspect_text(shown, key, state, copies, redundancy))
+        out.write(_inspect_text(shown, key, state, reports, len(replicas)))
     return code
 
 
-def _storage_key(key_prefix: str, session_id: str) -> bytes:
-    """The memcached key of the session; a UsageError for a prefix memcached cannot take."""
+def _inspect_setup(
+    args: argparse.Namespace,
+) -> tuple[bytes, list[ServerSpec], tuple[str, ...], Sealer | None]:
+    """The session's key, the servers, its replica set (in ring order) and the opener of
+    sealed copies; a UsageError, before anything is sent, for what cannot be used."""
+    if not is_valid_id(args.session_id):
+        raise UsageError(
+            "SESSION_ID is not a memsess session id (expected 43 URL-safe characters);"
+            " nothing was sent"
+        )
+    specs, redundancy = _servers(args)
+    if redundancy > len(specs):
+        raise UsageError(
+            f"--redundancy {redundancy} needs that many servers; the DSN has {len(specs)}"
+        )
+    key = storage_key(_key_prefix(args.key_prefix), args.session_id)
+    with _open_store(specs, redundancy=redundancy, key_prefix=args.key_prefix) as store:
+        replicas = store.locate(args.session_id)  # pure: the ring, nothing sent
+    return key, specs, replicas, _sealer(args.secret_keys_env)
+
+
+def _key_prefix(key_prefix: str) -> bytes:
+    """``--key-prefix`` as memcached takes it; a UsageError for one it cannot take (in
+    front of a session's key, the longest that check and inspect use)."""
     try:
-        return check_key(storage_key(key_prefix.encode("ascii"), session_id))
+        prefix = key_prefix.encode("ascii")
+        check_key(storage_key(prefix, new_id()))
     except (UnicodeEncodeError, InvalidKeyError) as exc:
         raise UsageError(
             f"--key-prefix {key_prefix!r} cannot start a memcached key: it must be ASCII,"
             " without spaces or control characters, and at most"
-            f" {MAX_KEY_LENGTH - len(storage_key(b'', session_id))} characters"
+            f" {MAX_KEY_LENGTH - len(storage_key(b'', new_id()))} characters"
         ) from exc
+    return prefix
 
 
 def _sealer(variable: str) -> Sealer | None:
@@ -346,67 +411,62 @@ def _sealer(variable: str) -> Sealer | None:
         raise UsageError(f"${variable}: {exc}") from None
 
 
-def _open(sealer: Sealer | None, key: bytes, raw: bytes, flags: int) -> Record:
-    """The record stored as ``raw``, as the store reads it; ValueError if it cannot.
-    A sealed copy with no keys to open it is a KeyError."""
-    if sealer is not None:
-        return sealer.open_record(raw, flags, key)
-    if raw[:2] == SEALED_PREFIX and flags == FLAGS:
-        raise KeyError(f"sealed record: set ${SECRET_KEYS_ENV} (or --secret-keys-env) to open it")
-    return decode_record(raw, flags)
-
-
-def _classify(
+def _reports(
     specs: list[ServerSpec],
     replicas: tuple[str, ...],
+    replica_set: Classified,
+    copies: dict[str, Copy | None],
     reads: dict[str, RawCopy],
-    opener: Callable[[bytes, int], Record],
     *,
+    keys_unknown: bool,
     show_data: bool,
 ) -> list[CopyReport]:
-    """One report per replica-set server, then servers outside it that hold a copy."""
-    copies = []
+    """One report per replica-set server in ring order, then each server outside it that
+    holds an item (an extra copy is compared with the replica set's newest: it can be
+    "newer" when the application uses more copies)."""
+    reports = [
+        _report(
+            address, f"replica {n}", copies[address], status, reads[address], show_data=show_data
+        )
+        for n, (address, status) in enumerate(zip(replicas, replica_set.statuses, strict=True), 1)
+    ]
+    newest = 0 if replica_set.newest is None else replica_set.newest.version
     for spec in specs:
-        in_set = spec.name in replicas
-        role = f"replica {replicas.index(spec.name) + 1}" if in_set else "extra"
-        copy = _copy_report(spec.name, role, reads[spec.name], opener, show_data=show_data)
-        if in_set or copy.version is not None or copy.status in ("corrupt", "sealed"):
-            copies.append(copy)
-    # The newest copy of the replica set is what a load returns; an extra copy is only
-    # compared with it (it can be "newer" when the application uses more copies).
-    newest = max((c.version or 0 for c in copies if c.role != "extra"), default=0)
-    for copy in copies:
-        if copy.version is not None:
-            copy.status = "current" if copy.version == newest else "stale"
-            copy.status = "newer" if copy.version > newest else copy.status
-    order = {address: position for position, address in enumerate(replicas)}
-    return sorted(copies, key=lambda c: order.get(c.address, len(order)))
+        copy = copies[spec.name]
+        if spec.name not in replicas and copy is not None and copy.raw:
+            status = copy.status(newest, keys_unknown=keys_unknown)
+            report = _report(
+                spec.name, "extra", copy, status, reads[spec.name], show_data=show_data
+            )
+            reports.append(report)
+    return reports
 
 
-def _copy_report(
+def _report(
     address: str,
     role: str,
+    copy: Copy | None,
+    status: CopyStatus,
     read: RawCopy,
-    opener: Callable[[bytes, int], Record],
     *,
     show_data: bool,
 ) -> CopyReport:
-    """What one server holds; the status of a decodable copy is set by its version."""
-    if read.error:
-        return CopyReport(address, role, "unreachable", detail=read.error)
-    if read.value is None:
-        return CopyReport(address, role, "missing")
-    size = len(read.value)
-    try:
-        record = opener(read.value, read.flags)
-    except KeyError as exc:
-        return CopyReport(address, role, "sealed", size=size, ttl=read.ttl, detail=exc.args[0])
-    except ValueError as exc:
-        return CopyReport(address, role, "corrupt", size=size, ttl=read.ttl, detail=str(exc))
-    if record.kind == TOMBSTONE:
-        return CopyReport(address, role, "", "tombstone", record.version, size, read.ttl)
-    data = _decode_data(record) if show_data else None
-    return CopyReport(address, role, "", "data", record.version, size, read.ttl, data=data)
+    """What one server holds, as ``status`` (memsess.copies) names it."""
+    if copy is None:
+        return CopyReport(address, role, status.value, detail=read.error)
+    if not copy.raw:
+        return CopyReport(address, role, status.value)
+    record = copy.record
+    detail = _SEALED_DETAIL if status is CopyStatus.SEALED else copy.problem
+    if record is None:
+        return CopyReport(
+            address, role, status.value, size=len(copy.raw), ttl=read.ttl, detail=detail
+        )
+    kind = "tombstone" if record.is_tombstone else "data"
+    data = _printable(_decode_data(record)) if show_data and kind == "data" else None
+    return CopyReport(
+        address, role, status.value, kind, record.version, len(copy.raw), read.ttl, data=data
+    )
 
 
 def _decode_data(record: Record) -> Any:
@@ -419,14 +479,50 @@ def _decode_data(record: Record) -> Any:
         return f"(undecodable: {exc})"
 
 
-def _inspect_verdict(replica_copies: list[CopyReport]) -> tuple[int, str]:
-    current = [c for c in replica_copies if c.status == "current"]
-    if not current:
-        unreadable = any(c.status in ("unreachable", "sealed") for c in replica_copies)
-        sealed = any(c.status == "sealed" for c in replica_copies)
-        return (EXIT_DEGRADED if unreadable else EXIT_NOT_FOUND), "sealed" if sealed else "absent"
-    state = "logged out" if current[0].kind == "tombstone" else "live"
-    return (EXIT_OK if len(current) == len(replica_copies) else EXIT_DEGRADED), state
+class _LongInt(str):
+    """Shown in place of an int too long for ``str()`` (``sys.get_int_max_str_digits()``,
+    4300 by default, while msgpack stores ~9,900 digits): repr() and json raise on one."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _printable(value: Any) -> Any:
+    """``value`` with every int too long for ``str()`` replaced by a :class:`_LongInt`,
+    in the containers the serializers decode to (dict keys and values, list, tuple, set)."""
+    if isinstance(value, int):
+        try:
+            str(value)  # refused before any conversion work when far over the limit
+        except ValueError:
+            sign = "negative " if value < 0 else ""
+            return _LongInt(f"<{sign}int of {_decimal_digits(abs(value))} digits>")
+        return value
+    if type(value) is dict:
+        return {_printable(key): _printable(item) for key, item in value.items()}
+    if type(value) in (list, tuple, set, frozenset):
+        return type(value)(_printable(item) for item in value)
+    return value
+
+
+def _decimal_digits(magnitude: int) -> int:
+    """How many digits ``str(magnitude)`` would have (magnitude > 0), without str()."""
+    digits = int(math.log10(magnitude)) + 1  # log10 takes any int; its float may be off by one
+    if magnitude >= 10**digits:
+        return digits + 1
+    if magnitude < 10 ** (digits - 1):
+        return digits - 1
+    return digits
+
+
+def _inspect_status(replica_set: Classified) -> int:
+    """The exit status of inspect, from the replica set's copies."""
+    statuses = replica_set.statuses
+    if replica_set.newest is None:
+        unread = CopyStatus.UNREACHABLE in statuses or CopyStatus.SEALED in statuses
+        return EXIT_DEGRADED if unread else EXIT_NOT_FOUND
+    return EXIT_OK if all(s is CopyStatus.CURRENT for s in statuses) else EXIT_DEGRADED
 
 
 def _inspect_text(
@@ -441,9 +537,7 @@ def _inspect_text(
         lines.append(
             f"newest version {newest}, written {written:%Y-%m-%d %H:%M:%S} UTC ({age:.0f} s ago)"
         )
-    repairs = [
-        c for c in copies if c.role != "extra" and c.status in ("stale", "missing", "corrupt")
-    ]
+    repairs = [c for c in copies if c.role != "extra" and CopyStatus(c.status).repaired]
     if newest is not None and repairs:
         lines.append(f"a load now would repair {len(repairs)} of {redundancy} copies")
     if any(c.role == "extra" for c in copies):
