@@ -1,21 +1,30 @@
 """The framework adapters, installed as ``memsess.adapters`` (flask, django, wsgi,
 asgi, quart, litestar). This module holds what they share and imports no framework: the
 request session, sync (:class:`Session`) and async (:class:`AsyncSession`) on one
-set of decisions, the session cookie, and the ``MEMSESS_*`` config keys."""
+set of decisions, the session cookie, and the ``MEMSESS_*`` config keys (checked in
+``memsess.adapters._config``). Each framework's module is imported on first use, also as
+an attribute after a plain ``import memsess`` (``memsess.adapters.flask.init_app(app)``)."""
 
 from __future__ import annotations
 
 import enum
+import importlib
 import logging
 import re
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
-from datetime import timedelta
+from collections.abc import Iterator, MutableMapping
 from email.utils import formatdate
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
+from memsess.adapters._config import (
+    CONFIG_OPTIONS,
+    CONFLICT_KEY,
+    permanent_lifetime,
+    store_options,
+)
 from memsess.errors import ClusterError, MemsessError, SessionGoneError
-from memsess.records import is_valid_id, lifetime_seconds, new_id
+from memsess.records import is_valid_id, new_id
 from memsess.store import ON_CONFLICT, SessionLock, SessionStore, Snapshot
 
 if TYPE_CHECKING:
@@ -24,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_OPTIONS",
     "CONFLICT_KEY",
+    "FRAMEWORK_MODULES",
     "POLICIES",
     "AsyncSession",
     "Outcome",
@@ -392,42 +402,16 @@ def conflict_policy(value: str) -> str:
     return "overwrite" if value == "last-write-wins" else value
 
 
-# -- Flask-style configuration (Flask and Quart) -------------------------------------
+# -- the framework modules, imported on first use ---------------------------------------
 
-#: ``app.config`` keys read by the Flask and Quart ``init_app``, and the store option each sets.
-CONFIG_OPTIONS: Final = {
-    "MEMSESS_REDUNDANCY": "redundancy",
-    "MEMSESS_SERIALIZER": "serializer",
-    "MEMSESS_KEY_PREFIX": "key_prefix",
-    "MEMSESS_STRAGGLER_WINDOW": "straggler_window",
-    "MEMSESS_MAX_ITEM_SIZE": "max_item_size",
-    "MEMSESS_SECRET_KEYS": "secret_keys",  # a list: the first key seals, all open
-    "MEMSESS_COMPRESS_THRESHOLD": "compress_threshold",
-    "MEMSESS_COMPRESSION": "compression",
-    "MEMSESS_MAX_SESSION_SIZE": "max_session_size",
-    "MEMSESS_USERNAME": "username",  # memcached -Y credentials, out of the save path
-    "MEMSESS_PASSWORD": "password",
-    "MEMSESS_SSL_CONTEXT": "ssl_context",  # an ssl.SSLContext for every tls:// server
-}
-#: The ``app.config`` key of the conflict policy (Flask and Quart): "merge" by default.
-CONFLICT_KEY: Final = "MEMSESS_ON_CONFLICT"
+#: The adapter modules; each imports its framework, an optional dependency.
+FRAMEWORK_MODULES: Final = ("asgi", "django", "flask", "litestar", "quart", "wsgi")
 
+if not TYPE_CHECKING:  # mypy resolves the submodules itself, and checks every other name
 
-def permanent_lifetime(lifetime: timedelta) -> int:
-    """Seconds every session lives in memcached: ``PERMANENT_SESSION_LIFETIME``,
-    rounded up to whole seconds; ValueError if it is not positive."""
-    return lifetime_seconds(lifetime.total_seconds(), name="PERMANENT_SESSION_LIFETIME")
-
-
-def store_options(config: Mapping[str, Any], *, ttl: int) -> tuple[str, dict[str, Any]]:
-    """The save_path and store options an app's config asks for: ``MEMSESS_SAVE_PATH``
-    (required: RuntimeError without it) and the keys of :data:`CONFIG_OPTIONS`,
-    with ``ttl`` seconds to live."""
-    save_path = config.get("MEMSESS_SAVE_PATH")
-    if not save_path:
-        raise RuntimeError(
-            "memsess: set app.config['MEMSESS_SAVE_PATH'], e.g. 'tcp://127.0.0.1:11211'"
-        )
-    options = {option: config[key] for key, option in CONFIG_OPTIONS.items() if key in config}
-    options["ttl"] = ttl
-    return save_path, options
+    def __getattr__(name: str) -> ModuleType:
+        # `import memsess` then `memsess.adapters.flask...`: an attribute access, which a
+        # package answers only for submodules imported already.
+        if name in FRAMEWORK_MODULES:
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,10 +5,11 @@ which is ``request.session`` in Starlette and FastAPI, read before the app runs 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Final
 
 from memsess.adapters import AsyncSession, SessionCookie, conflict_policy
+from memsess.adapters._config import build_store, check_store_options
 from memsess.aio import AsyncSessionStore
 from memsess.errors import ClusterError, SessionLockError
 from memsess.records import lifetime_seconds
@@ -56,9 +57,10 @@ class SessionMiddleware:
     served as an empty session (a websocket handshake too, where the server offers
     the ``websocket.http.response`` extension; elsewhere it is closed with code 1013).
 
-    ``store``: an :class:`~memsess.AsyncSessionStore`, or ``dsn=`` a save_path to
-    build one with (closed at lifespan shutdown), ``store_options`` its other options
-    (``redundancy``, ``secret_keys``, ``compress_threshold``, ...). ``max_age``: seconds
+    ``store``: an :class:`~memsess.AsyncSessionStore`, or ``dsn=`` a save_path (or a
+    list of server strings) to build one with (closed at lifespan shutdown),
+    ``store_options`` its other options (``redundancy``, ``timeout``, ``secret_keys``,
+    ...; TypeError for one the store does not take). ``max_age``: seconds
     a session lives, in the store and in the cookie's Max-Age/Expires (default: the
     store's ttl). ``same_site``: "lax", "strict", "none" (needs ``secure``) or None.
     ``expire_at_browser_close``: a cookie without Max-Age/Expires.
@@ -69,7 +71,7 @@ class SessionMiddleware:
         app: ASGIApp,
         store: AsyncSessionStore | None = None,
         *,
-        dsn: str | None = None,
+        dsn: str | Sequence[str] | None = None,
         store_options: Mapping[str, Any] | None = None,
         cookie_name: str = "session",
         max_age: float | None = None,
@@ -94,8 +96,9 @@ class SessionMiddleware:
         ttl = None if max_age is None else lifetime_seconds(max_age, name="max_age")
         self.owns_store = store is None
         if store is None:
+            check_store_options(AsyncSessionStore, store_options or {}, setting="store_options")
             options = dict(store_options or {}) | ({} if ttl is None else {"ttl": ttl})
-            store = AsyncSessionStore.from_dsn(str(dsn), **options)
+            store = build_store(AsyncSessionStore, dsn, options, setting="dsn")
         self.app, self.store, self.lazy, self.refresh = app, store, lazy, refresh
         self.on_conflict = conflict_policy(on_conflict)
         self.cookie = SessionCookie(

@@ -27,13 +27,15 @@ from django.core.signals import setting_changed  # type: ignore[import-untyped]
 from django.utils.decorators import sync_and_async_middleware  # type: ignore[import-untyped]
 
 from memsess.adapters import conflict_policy
+from memsess.adapters._config import build_store, check_save_path, unknown_names
 from memsess.aio import AsyncSessionStore
-from memsess.errors import SessionConflictError, SessionGoneError
+from memsess.errors import DSNError, SessionConflictError, SessionGoneError
 from memsess.records import is_valid_id, lifetime_seconds
 from memsess.store import SessionStore as MemsessStore
 from memsess.store import Snapshot
 
 __all__ = [
+    "KEYS",
     "LOCK_MIDDLEWARE",
     "OPTIONS",
     "SessionLockMiddleware",
@@ -58,6 +60,19 @@ OPTIONS: Final = {
     "USERNAME": "username",  # memcached -Y credentials for entries without user:password@
     "PASSWORD": "password",
     "SSL_CONTEXT": "ssl_context",  # an ssl.SSLContext for every tls:// server
+    # Seconds, for the SAVE_PATH entries without their own ?timeout= / ?retry_interval=
+    # (TIMEOUT is a server's time to answer, not a lifetime as in Django's CACHES).
+    "TIMEOUT": "timeout",
+    "RETRY_INTERVAL": "retry_interval",
+}
+#: Every key of ``settings.SESSION_MEMSESS``.
+KEYS: Final = ("SAVE_PATH", *OPTIONS, "ON_CONFLICT")
+# Keys guessed from Django's CACHES and other libraries, and where their meaning is set.
+_GUESSES: Final = {
+    "LOCATION": "the servers are SAVE_PATH",
+    "SERVERS": "the servers are SAVE_PATH",
+    "DSN": "the servers are SAVE_PATH",
+    "TTL": "the lifetime of a session is settings.SESSION_COOKIE_AGE",
 }
 
 _stores: dict[tuple[Any, ...], MemsessStore] = {}
@@ -84,25 +99,40 @@ def get_store() -> MemsessStore:
         raise ImproperlyConfigured(
             'memsess: set SESSION_MEMSESS = {"SAVE_PATH": "tcp://127.0.0.1:11211", ...}'
         )
-    unknown = set(config) - set(OPTIONS) - {"SAVE_PATH", "ON_CONFLICT"}
-    if unknown:
-        raise ImproperlyConfigured(f"memsess: unknown SESSION_MEMSESS keys {sorted(unknown)}")
-    # Lists as tuples: the options are also the key of the store cache (hashable).
-    options = {
-        OPTIONS[key]: tuple(value) if isinstance(value, list) else value
-        for key, value in config.items()
-        if key in OPTIONS
-    }
+    message = unknown_names(config, KEYS, what="SESSION_MEMSESS key", instead=_GUESSES)
+    if message is not None:
+        raise ImproperlyConfigured(message)
+    setting = 'SESSION_MEMSESS["SAVE_PATH"]'
+    try:
+        check_save_path(config["SAVE_PATH"], setting=setting)
+    except TypeError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+    # Lists as tuples: the save path and the options are also the key of the store cache
+    # (hashable). A list of servers is the way Django's CACHES take their LOCATION.
+    save_path = _hashable(config["SAVE_PATH"])
+    options = {OPTIONS[key]: _hashable(value) for key, value in config.items() if key in OPTIONS}
     options["ttl"] = lifetime_seconds(settings.SESSION_COOKIE_AGE, name="SESSION_COOKIE_AGE")
-    cache_key = (config["SAVE_PATH"], *sorted(options.items()))
+    cache_key = (save_path, *sorted(options.items()))
     store = _stores.get(cache_key)
     if store is None:
         with _stores_lock:
             store = _stores.get(cache_key)
             if store is None:
-                store = MemsessStore.from_dsn(config["SAVE_PATH"], **options)
-                _stores[cache_key] = store
+                store = _stores[cache_key] = _build_store(save_path, options, setting=setting)
     return store
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _build_store(save_path: Any, options: dict[str, Any], *, setting: str) -> MemsessStore:
+    """The store of ``SESSION_MEMSESS``; ImproperlyConfigured naming ``setting`` for a
+    save path that does not parse."""
+    try:
+        return build_store(MemsessStore, save_path, options, setting=setting)
+    except DSNError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
 
 
 def conflict_setting() -> str:

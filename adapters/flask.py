@@ -10,12 +10,13 @@ from flask import session as flask_session
 from flask.sessions import SessionInterface, SessionMixin
 from flask.wrappers import Request, Response
 
-from memsess.adapters import (
+from memsess.adapters import Outcome, Session, conflict_policy
+from memsess.adapters._config import (
     CONFIG_OPTIONS,
     CONFLICT_KEY,
-    Outcome,
-    Session,
-    conflict_policy,
+    SAVE_PATH_KEY,
+    build_store,
+    check_config_keys,
     permanent_lifetime,
     store_options,
 )
@@ -103,15 +104,17 @@ def init_app(app: Flask, store: SessionStore | None = None) -> MemsessSessionInt
     """Store the sessions of ``app`` in memsess and return the session interface.
 
     Without ``store``, one is built from ``app.config``: ``MEMSESS_SAVE_PATH``
-    (required, a PHP-style save_path) and the optional keys of
+    (required, a PHP-style save_path or a list of server strings) and the optional keys of
     :data:`CONFIG_OPTIONS`, its ttl being ``PERMANENT_SESSION_LIFETIME``. The
-    store is kept in ``app.extensions["memsess"]``."""
+    store is kept in ``app.extensions["memsess"]``. Any other ``MEMSESS_*`` key is a
+    ValueError naming the known ones."""
+    check_config_keys(app.config)
     # MEMSESS_ON_CONFLICT: what a save does when another request of the same user
     # saved the session meanwhile ("merge", the default; "error"; "overwrite").
     conflict_policy(app.config.get(CONFLICT_KEY, "merge"))  # ValueError now, not later
     if store is None:
         save_path, options = store_options(app.config, ttl=MemsessSessionInterface.lifetime(app))
-        store = SessionStore.from_dsn(save_path, **options)
+        store = build_store(SessionStore, save_path, options, setting=SAVE_PATH_KEY)
     app.extensions["memsess"] = store
     interface = MemsessSessionInterface(store)
     app.session_interface = interface

@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from contextvars import ContextVar
 from datetime import timedelta
 from types import TracebackType
@@ -24,6 +25,7 @@ from litestar.middleware.session.server_side import (
 from litestar.stores.base import NamespacedStore, Store
 from litestar.types import Empty, Message, ScopeSession
 
+from memsess.adapters._config import build_store, check_store_options
 from memsess.aio import AsyncSessionStore
 from memsess.errors import SerializationError, SessionConflictError, SessionGoneError
 from memsess.records import lifetime_seconds, new_id
@@ -91,10 +93,14 @@ class MemsessStore(NamespacedStore):
         self.namespace = namespace
 
     @classmethod
-    def from_dsn(cls, dsn: str, *, namespace: str | None = None, **options: Any) -> MemsessStore:
+    def from_dsn(
+        cls, dsn: str | Sequence[str], *, namespace: str | None = None, **options: Any
+    ) -> MemsessStore:
         """A store on a new :class:`memsess.AsyncSessionStore` for the servers of a
-        PHP-style save_path, with its ``options`` (``redundancy=``, ``ttl=``, ...)."""
-        return cls(AsyncSessionStore.from_dsn(dsn, **options), namespace=namespace)
+        PHP-style save_path (or a list of server strings), with its ``options``
+        (``redundancy=``, ``ttl=``, ``timeout=``, ...; TypeError for one it does not take)."""
+        check_store_options(AsyncSessionStore, options, setting="MemsessStore.from_dsn")
+        return cls(build_store(AsyncSessionStore, dsn, options, setting="dsn"), namespace=namespace)
 
     def with_namespace(self, namespace: str) -> MemsessStore:
         """A store on the same memsess store, in a child namespace of this one."""

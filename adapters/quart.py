@@ -13,12 +13,13 @@ from quart.sessions import SessionInterface, SessionMixin
 from quart.wrappers import BaseRequestWebsocket, Response
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from memsess.adapters import (
+from memsess.adapters import AsyncSession, Outcome, conflict_policy
+from memsess.adapters._config import (
     CONFIG_OPTIONS,
     CONFLICT_KEY,
-    AsyncSession,
-    Outcome,
-    conflict_policy,
+    SAVE_PATH_KEY,
+    build_store,
+    check_config_keys,
     permanent_lifetime,
     store_options,
 )
@@ -116,14 +117,16 @@ def init_app(app: Quart, store: AsyncSessionStore | None = None) -> MemsessSessi
     ``init_app`` does: ``MEMSESS_SAVE_PATH`` (required) and the optional keys of
     :data:`CONFIG_OPTIONS`, its ttl being ``PERMANENT_SESSION_LIFETIME``; it is
     closed when the app shuts down. The store is kept in
-    ``app.extensions["memsess"]``."""
+    ``app.extensions["memsess"]``. Any other ``MEMSESS_*`` key is a ValueError naming
+    the known ones."""
+    check_config_keys(app.config)
     # MEMSESS_ON_CONFLICT: what a save does when another request of the same user
     # saved the session meanwhile ("merge", the default; "error"; "overwrite").
     conflict_policy(app.config.get(CONFLICT_KEY, "merge"))  # ValueError now, not later
     if store is None:
         lifetime = permanent_lifetime(app.permanent_session_lifetime)
         save_path, options = store_options(app.config, ttl=lifetime)
-        store = AsyncSessionStore.from_dsn(save_path, **options)
+        store = build_store(AsyncSessionStore, save_path, options, setting=SAVE_PATH_KEY)
         app.after_serving(store.aclose)
     app.extensions["memsess"] = store
     interface = MemsessSessionInterface(store)

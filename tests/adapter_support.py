@@ -40,7 +40,8 @@ def make_store(cluster: LocalCluster, **options: Any) -> SessionStore:
 
 
 def key_of(store: SessionStore, sid: str) -> bytes:
-    return storage_key(store.key_prefix, sid)
+    prefix = store.key_prefix  # the option as given: a str, or bytes
+    return storage_key(prefix.encode("ascii") if isinstance(prefix, str) else prefix, sid)
 
 
 def version_of(store: SessionStore, sid: str) -> int:

@@ -49,6 +49,7 @@ from wsproto.events import (
 )
 from wsproto.events import Request as WSRequest
 
+import memsess
 from memsess import AsyncSessionStore, SessionStore
 from memsess.adapters import AsyncSession, SessionNotLoadedError
 from memsess.adapters.asgi import SessionMiddleware, load_session
@@ -561,6 +562,37 @@ def test_store_or_dsn_is_required_and_a_dsn_store_is_closed_at_shutdown(
         assert store.load(sid) == {"count": 1}
     assert events == ["startup", "shutdown"]  # lifespan reached the app
     assert closed == [True]
+
+
+def test_an_unknown_option_is_refused_by_name(astore: AsyncSessionStore) -> None:
+    with pytest.raises(TypeError, match="secrue"):
+        SessionMiddleware(Starlette(), astore, secrue=True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="'redundance' \\(did you mean 'redundancy'\\?\\)"):
+        SessionMiddleware(Starlette(), dsn="tcp://127.0.0.1:11211", store_options={"redundance": 2})
+
+
+def test_a_list_dsn_with_a_store_timeout_builds_the_store(cluster: LocalCluster) -> None:
+    first, *others = cluster.dsn().split(", ")
+    middleware = SessionMiddleware(
+        Starlette(),
+        dsn=[f"{first}?timeout=0.75&retry_interval=4", *others],
+        store_options={"timeout": 0.25, "retry_interval": 3, "redundancy": 3},
+    )
+    servers = middleware.store._cluster.servers
+    assert [(server.timeout, server.retry_interval) for server in servers] == [
+        (0.75, 4),
+        (0.25, 3),
+        (0.25, 3),
+    ]
+    assert middleware.store.redundancy == 3
+
+
+@pytest.mark.parametrize(
+    "dsn", ["tcp://127.0.0.1:0", ["tcp://127.0.0.1:11211", "tcp://127.0.0.1:0"]]
+)
+def test_a_bad_dsn_names_the_argument(dsn: str | list[str]) -> None:
+    with pytest.raises(memsess.DSNError, match=r"^dsn: "):
+        SessionMiddleware(Starlette(), dsn=dsn)
 
 
 def test_example_app_runs(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -512,7 +512,56 @@ def test_missing_or_unknown_settings_are_improperly_configured(cluster: LocalClu
         get_store()
     with (
         override_settings(SESSION_MEMSESS={"SAVE_PATH": "tcp://127.0.0.1:1", "REDUNDANCE": 2}),
-        pytest.raises(ImproperlyConfigured, match="REDUNDANCE"),
+        pytest.raises(ImproperlyConfigured, match="REDUNDANCE") as refused,
+    ):
+        get_store()
+    assert "did you mean 'REDUNDANCY'?" in str(refused.value)
+    assert "SAVE_PATH, REDUNDANCY, SERIALIZER" in str(refused.value)  # the known keys
+    with (
+        override_settings(SESSION_MEMSESS={"SAVE_PATH": "tcp://127.0.0.1:1", "TTL": 60}),
+        pytest.raises(ImproperlyConfigured, match="SESSION_COOKIE_AGE"),
+    ):
+        get_store()
+
+
+def test_a_list_of_servers_is_a_save_path(cluster: LocalCluster) -> None:
+    servers = cluster.dsn(timeout=TIMEOUT).split(", ")
+    with override_settings(SESSION_MEMSESS={"SAVE_PATH": servers, "REDUNDANCY": 3}):
+        store = get_store()
+        assert get_store() is store  # one store for the configuration, lists and all
+        session = SessionStore()
+        session["user"] = "alice"
+        session.save()
+        assert holders(cluster, store, session.session_key) == [0, 1, 2]
+        assert SessionStore(session.session_key).load() == {"user": "alice"}
+
+
+def test_timeout_and_retry_interval_set_the_entries_without_their_own(
+    cluster: LocalCluster,
+) -> None:
+    first, *others = cluster.dsn().split(", ")
+    setting = {
+        "SAVE_PATH": ", ".join([f"{first}?timeout=0.75&retry_interval=4", *others]),
+        "TIMEOUT": 0.25,
+        "RETRY_INTERVAL": 3,
+    }
+    with override_settings(SESSION_MEMSESS=setting):
+        servers = get_store()._cluster.servers
+        assert [(server.timeout, server.retry_interval) for server in servers] == [
+            (0.75, 4),
+            (0.25, 3),
+            (0.25, 3),
+        ]
+
+
+@pytest.mark.parametrize(
+    "save_path",
+    [11211, "tcp://127.0.0.1:0", ["tcp://127.0.0.1:11211", "tcp://127.0.0.1:0"]],
+)
+def test_a_bad_save_path_is_improperly_configured_naming_it(save_path: object) -> None:
+    with (
+        override_settings(SESSION_MEMSESS={"SAVE_PATH": save_path}),
+        pytest.raises(ImproperlyConfigured, match=r'^SESSION_MEMSESS\["SAVE_PATH"\]: '),
     ):
         get_store()
 

@@ -42,7 +42,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAME = "session"  # Flask's default SESSION_COOKIE_NAME
 
 
-def make_app(store: SessionStore, **config: Any) -> Flask:
+def make_app(store: SessionStore | None, **config: Any) -> Flask:
     app = Flask(__name__)
     app.config.update(TESTING=True, SECRET_KEY="only-for-flash", **config)
     init_app(app, store)
@@ -383,7 +383,7 @@ def test_init_app_builds_the_store_from_config(cluster: LocalCluster) -> None:
     store = app.extensions["memsess"]
     assert isinstance(interface, MemsessSessionInterface)
     assert app.session_interface is interface
-    assert (store.redundancy, store.ttl, store.key_prefix) == (3, 3600, b"app1:")
+    assert (store.redundancy, store.ttl, store.key_prefix) == (3, 3600, "app1:")
     with pytest.raises(RuntimeError, match="MEMSESS_SAVE_PATH"):
         init_app(Flask(__name__))
 
@@ -397,3 +397,69 @@ def test_example_app_runs(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
     assert client.get("/logout").text == "logged out\n"
     assert client.get("/").text == "anonymous, visit 1\n"
     app.extensions["memsess"].close()
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("MEMSESS_REDUNDANCE", "did you mean 'MEMSESS_REDUNDANCY'?"),
+        ("MEMSESS_TIMEOUTS", "did you mean 'MEMSESS_TIMEOUT'?"),
+        ("MEMSESS_TTL", "PERMANENT_SESSION_LIFETIME"),
+    ],
+)
+def test_a_misspelt_or_guessed_key_is_refused_naming_the_known_ones(
+    cluster: LocalCluster, store: SessionStore, key: str, hint: str
+) -> None:
+    for given in (None, store):  # built from the config, or given: the config is read anyway
+        app = Flask(__name__)
+        app.config.update({"MEMSESS_SAVE_PATH": cluster.dsn(), key: 2})
+        with pytest.raises(ValueError, match=key) as refused:
+            init_app(app, given)
+        assert hint in str(refused.value)
+        assert "MEMSESS_SAVE_PATH, MEMSESS_REDUNDANCY" in str(refused.value)
+        assert "memsess" not in app.extensions
+
+
+def test_timeout_and_retry_interval_set_the_entries_without_their_own(
+    cluster: LocalCluster,
+) -> None:
+    first, *others = cluster.dsn().split(", ")
+    app = Flask(__name__)
+    app.config.update(
+        MEMSESS_SAVE_PATH=", ".join([f"{first}?timeout=0.75&retry_interval=4", *others]),
+        MEMSESS_TIMEOUT=0.25,
+        MEMSESS_RETRY_INTERVAL=3,
+    )
+    init_app(app)
+    with app.extensions["memsess"] as store:
+        servers = store._cluster.servers
+        assert [(server.timeout, server.retry_interval) for server in servers] == [
+            (0.75, 4),
+            (0.25, 3),
+            (0.25, 3),
+        ]
+
+
+def test_a_list_of_servers_is_a_save_path(cluster: LocalCluster) -> None:
+    app = make_app(store=None, MEMSESS_SAVE_PATH=cluster.dsn().split(", "), MEMSESS_REDUNDANCY=3)
+    client = app.test_client()
+    client.get("/login?user=alice")
+    with app.extensions["memsess"] as store:
+        assert holders(cluster, store, sid_of(client)) == [0, 1, 2]
+        assert client.get("/whoami").text == "alice"
+
+
+@pytest.mark.parametrize(
+    ("save_path", "error"),
+    [
+        (11211, TypeError),
+        ({"tcp://127.0.0.1:11211"}, TypeError),  # a set has no order: not a list of servers
+        ("tcp://127.0.0.1:0", memsess.DSNError),
+        (["tcp://127.0.0.1:11211", "tcp://127.0.0.1:0"], memsess.DSNError),
+    ],
+)
+def test_a_bad_save_path_names_the_setting(save_path: object, error: type[Exception]) -> None:
+    app = Flask(__name__)
+    app.config["MEMSESS_SAVE_PATH"] = save_path
+    with pytest.raises(error, match=r"^MEMSESS_SAVE_PATH: "):
+        init_app(app)

@@ -419,3 +419,31 @@ def test_every_copy_unreachable_is_answered_by_an_exception_handler(
             response = client.get("/whoami")
     assert response.status_code == 503
     assert response.text.startswith("Sessions are unavailable")
+
+
+def test_an_unknown_option_is_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="'redundance' \\(did you mean 'redundancy'\\?\\)"):
+        MemsessStore.from_dsn("tcp://127.0.0.1:11211", redundance=2)
+    with pytest.raises(TypeError, match="secrue"):
+        MemsessSessionConfig(secrue=True)  # type: ignore[call-arg]
+
+
+def test_a_list_dsn_with_a_store_timeout_builds_the_store(cluster: LocalCluster) -> None:
+    first, *others = cluster.dsn().split(", ")
+    store = MemsessStore.from_dsn(
+        [f"{first}?timeout=0.75&retry_interval=4", *others], timeout=0.25, retry_interval=3
+    )
+    servers = store.store._cluster.servers
+    assert [(server.timeout, server.retry_interval) for server in servers] == [
+        (0.75, 4),
+        (0.25, 3),
+        (0.25, 3),
+    ]
+
+
+@pytest.mark.parametrize(
+    "dsn", ["tcp://127.0.0.1:0", ["tcp://127.0.0.1:11211", "tcp://127.0.0.1:0"]]
+)
+def test_a_bad_dsn_names_the_argument(dsn: str | list[str]) -> None:
+    with pytest.raises(memsess.DSNError, match=r"^dsn: "):
+        MemsessStore.from_dsn(dsn)

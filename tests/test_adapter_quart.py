@@ -465,7 +465,7 @@ def test_init_app_builds_the_store_from_config_and_closes_it(
     built = app.extensions["memsess"]
     assert isinstance(app.session_interface, MemsessSessionInterface)
     assert interface.store is built
-    assert (built.redundancy, built.key_prefix, built.ttl) == (3, b"quart:", 90)
+    assert (built.redundancy, built.key_prefix, built.ttl) == (3, "quart:", 90)
 
     @app.get("/count")
     async def count() -> str:
@@ -502,3 +502,70 @@ def test_example_app_runs(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
         "anonymous, visit 1\n",
         "hello anonymous",
     ]
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("MEMSESS_REDUNDANCE", "did you mean 'MEMSESS_REDUNDANCY'?"),
+        ("MEMSESS_TIMEOUTS", "did you mean 'MEMSESS_TIMEOUT'?"),
+        ("MEMSESS_TTL", "PERMANENT_SESSION_LIFETIME"),
+    ],
+)
+def test_a_misspelt_or_guessed_key_is_refused_naming_the_known_ones(
+    cluster: LocalCluster, key: str, hint: str
+) -> None:
+    app = Quart(__name__)
+    app.config.update({"MEMSESS_SAVE_PATH": cluster.dsn(), key: 2})
+    with pytest.raises(ValueError, match=key) as refused:
+        init_app(app)
+    assert hint in str(refused.value)
+    assert "MEMSESS_SAVE_PATH, MEMSESS_REDUNDANCY" in str(refused.value)
+    assert "memsess" not in app.extensions
+
+
+def test_a_list_of_servers_with_a_timeout_builds_the_store(cluster: LocalCluster) -> None:
+    first, *others = cluster.dsn().split(", ")
+    app = Quart(__name__)
+    app.config.update(
+        MEMSESS_SAVE_PATH=[f"{first}?timeout=0.75&retry_interval=4", *others],
+        MEMSESS_TIMEOUT=0.25,
+        MEMSESS_RETRY_INTERVAL=3,
+        MEMSESS_REDUNDANCY=3,
+    )
+    init_app(app)
+    store = app.extensions["memsess"]
+    servers = store._cluster.servers
+    assert [(server.timeout, server.retry_interval) for server in servers] == [
+        (0.75, 4),
+        (0.25, 3),
+        (0.25, 3),
+    ]
+
+    @app.get("/login")
+    async def login() -> str:
+        session["user"] = "alice"
+        return "ok"
+
+    async def scenario() -> str:
+        return session_cookie(await app.test_client().get("/login"))[0]
+
+    sid = run(store, scenario)
+    with SessionStore.from_dsn(cluster.dsn(), redundancy=3) as reader:
+        assert reader.load(sid) == {"user": "alice"}
+        assert holders(cluster, reader, sid) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("save_path", "error"),
+    [
+        (11211, TypeError),
+        ("tcp://127.0.0.1:0", memsess.DSNError),
+        (["tcp://127.0.0.1:11211", "tcp://127.0.0.1:0"], memsess.DSNError),
+    ],
+)
+def test_a_bad_save_path_names_the_setting(save_path: object, error: type[Exception]) -> None:
+    app = Quart(__name__)
+    app.config["MEMSESS_SAVE_PATH"] = save_path
+    with pytest.raises(error, match=r"^MEMSESS_SAVE_PATH: "):
+        init_app(app)

@@ -244,6 +244,11 @@ def test_unsafe_options_are_refused(store: SessionStore, options: dict[str, Any]
         SessionMiddleware(demo_app, store, **options)
 
 
+def test_an_unknown_option_is_refused_by_name(store: SessionStore) -> None:
+    with pytest.raises(TypeError, match="secrue"):
+        SessionMiddleware(demo_app, store, secrue=True)  # type: ignore[call-arg]
+
+
 def test_a_max_age_that_is_not_a_number_is_refused_by_name(store: SessionStore) -> None:
     for max_age in (True, "60"):
         with pytest.raises(TypeError, match="max_age"):
