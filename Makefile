@@ -4,12 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint soak bench bench-smoke clean
+.PHONY: setup demo test lint check-dist soak bench bench-smoke clean
 
+# Everything memsess's own work needs: [dev] (its test suite's extras, lint, types,
+# packaging), [test] (what users' suites get), [bench] and every optional feature.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench,flask,django]'
+	$(BIN)/pip install -q -e '.[dev,test,bench,flask,django,quart,litestar,crypto,zstd,prometheus]'
+	$(BIN)/python scripts/link-adapters
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,11 +24,17 @@ demo: setup
 test: setup lint
 	$(BIN)/pytest -q
 
+# mypy and lint-imports see adapters/ as memsess.adapters through the link (see the script).
 lint: $(STAMP)
+	$(BIN)/python scripts/link-adapters
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# The wheel and the sdist, built, inspected, installed in fresh venvs and used (~1 min).
+check-dist: setup
+	$(BIN)/python scripts/check-dist
 
 # Minutes of random single-server faults under two processes of session traffic,
 # with a checker of every answer (tests/nemesis.py): `make soak NEMESIS_SECONDS=600`.

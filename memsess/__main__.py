@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from memsess.cli import EXIT_UNMET, UsageError, add_commands
 from memsess.errors import DSNError
+
+#: ``memsess demo`` could not run at all (its 1 means wrong answers were seen).
+EXIT_NO_MEMCACHED: Final = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,14 +32,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         from memsess.demo import run_demo
+        from memsess.testing import MemcachedNotFoundError  # (pulls in pytest, when present)
 
-        return run_demo(sys.stdout, secure=args.secure)
+        try:
+            return run_demo(sys.stdout, secure=args.secure)
+        except MemcachedNotFoundError:  # the usual first run: one line, not a traceback
+            sys.stderr.write(f"memsess demo: {_no_memcached()}\n")
+            return EXIT_NO_MEMCACHED
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
     except (DSNError, UsageError) as exc:  # a DSN or option that does not make sense
         sys.stderr.write(f"memsess {args.command}: {exc}\n")
         return EXIT_UNMET
+
+
+def _no_memcached() -> str:
+    """What to do when the demo finds no memcached binary to start (one line)."""
+    configured = os.environ.get("MEMSESS_MEMCACHED")
+    where = f"at MEMSESS_MEMCACHED={configured!r}" if configured else "on PATH"
+    return (
+        f"memcached not found {where}; install it (Debian/Ubuntu: sudo apt-get install"
+        " memcached; macOS: brew install memcached) or set MEMSESS_MEMCACHED to its path"
+    )
 
 
 if __name__ == "__main__":

@@ -189,7 +189,11 @@ class _Collect(logging.Handler):
 def run_demo(out: TextIO = sys.stdout, *, secure: bool = False) -> int:
     """Run every scenario and print the table; 0 when nothing was lost. ``secure``: over
     TLS with authentication, with sealed records (and no session data readable in any
-    stored byte)."""
+    stored byte). Raises :class:`~memsess.testing.MemcachedNotFoundError` before printing
+    anything when there is no memcached binary to start."""
+    # A LocalCluster looks for its binary when made and starts servers only when entered:
+    # without memcached this raises now, not after the header.
+    LocalCluster(1).close()
     logger = logging.getLogger("memsess")
     collect = _Collect()
     logger.addHandler(collect)
