@@ -14,6 +14,20 @@ from memsess.errors import DSNError
 from memsess.records import lifetime_seconds
 from memsess.store import StoreCore
 
+__all__ = [
+    "CONFIG_KEYS",
+    "CONFIG_OPTIONS",
+    "CONFLICT_KEY",
+    "SAVE_PATH_KEY",
+    "build_store",
+    "check_config_keys",
+    "check_save_path",
+    "check_store_options",
+    "permanent_lifetime",
+    "store_options",
+    "unknown_names",
+]
+
 S = TypeVar("S", bound=StoreCore)
 
 #: ``app.config`` keys read by the Flask and Quart ``init_app``, and the store option each sets.

@@ -16,15 +16,13 @@ from collections.abc import Callable, Generator
 from typing import Any, Final, TypeVar
 
 from asgiref.sync import iscoroutinefunction
-from django.conf import settings  # type: ignore[import-untyped]  # Django ships no types
-from django.contrib.sessions.backends.base import (  # type: ignore[import-untyped]
-    CreateError,
-    SessionBase,
-    UpdateError,
-)
-from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
-from django.core.signals import setting_changed  # type: ignore[import-untyped]
-from django.utils.decorators import sync_and_async_middleware  # type: ignore[import-untyped]
+
+# Django ships no types: mypy reads these names as Any (pyproject.toml says so once).
+from django.conf import settings
+from django.contrib.sessions.backends.base import CreateError, SessionBase, UpdateError
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.utils.decorators import sync_and_async_middleware
 
 from memsess.adapters import conflict_policy
 from memsess.adapters._config import build_store, check_save_path, unknown_names

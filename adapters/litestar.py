@@ -144,8 +144,10 @@ class MemsessStore(NamespacedStore):
                 await self.store.save(sid, data, ttl=seconds, snapshot=snapshot)
                 return
             except SessionConflictError as conflict:
+                # The store's conflict carries the Snapshot it read (typed `object` only
+                # because memsess.errors, a leaf, cannot import the store's types).
                 current = conflict.current
-                assert isinstance(current, Snapshot)
+                assert isinstance(current, Snapshot)  # noqa: S101 - invariant, for the type checker
                 merged = _merged(_value(snapshot), data["value"], _value(current))
                 if merged is None:
                     await self.store.save(

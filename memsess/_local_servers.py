@@ -1,6 +1,7 @@
 """Process and socket plumbing behind memsess.testing: free ports, memcached processes, raw I/O.
 
 Knows nothing of LocalCluster: failures surface as OSError, which memsess.testing translates.
+Private to memsess.testing, which uses what ``__all__`` lists.
 """
 
 from __future__ import annotations
@@ -18,16 +19,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+__all__ = [
+    "PLAIN",
+    "AdminConnection",
+    "Security",
+    "Target",
+    "admin_exchange",
+    "free_ports",
+    "kill_all",
+    "probe",
+    "spawn",
+    "wait_all_threads_stopped",
+]
+
 # Ports are drawn below the kernel's ephemeral range (32768+ on Linux), so no outgoing
 # connection of the test itself can take a killed server's port before restart() rebinds it.
 _PORT_RANGE: Final = (20000, 32768)
 _ERROR_REPLIES: Final = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BUSY")
 
 #: Where a server listens: its unix socket path, or (host, port).
-_Target = str | tuple[str, int]
+Target = str | tuple[str, int]
 
 
-def _free_ports(host: str, count: int, *, udp: bool) -> list[int]:
+def free_ports(host: str, count: int, *, udp: bool) -> list[int]:
     """``count`` distinct ports nobody listens on now (TCP, and UDP with ``udp``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
@@ -40,15 +54,15 @@ def _free_ports(host: str, count: int, *, udp: bool) -> list[int]:
 
 
 def _bindable(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> bool:
-    with socket.socket(family, kind) as probe:
+    with socket.socket(family, kind) as sock:
         try:
-            probe.bind((host, port))
+            sock.bind((host, port))
         except OSError:
             return False
         return True
 
 
-def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
     """Start ``argv`` with its stdout and stderr in ``log_path``; it dies with us on Linux."""
     with open(log_path, "wb") as log:
         return subprocess.Popen(  # noqa: S603 - argv built by LocalCluster, no shell
@@ -60,7 +74,7 @@ def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
         )
 
 
-def _kill_all(processes: list[subprocess.Popen[bytes]], *, timeout: float) -> None:
+def kill_all(processes: list[subprocess.Popen[bytes]], *, timeout: float) -> None:
     """SIGKILL every live process and reap it; ``timeout`` in seconds per process."""
     alive = [process for process in processes if process.poll() is None]
     for process in alive:  # signal all first, then wait: they die in parallel
@@ -71,14 +85,15 @@ def _kill_all(processes: list[subprocess.Popen[bytes]], *, timeout: float) -> No
 
 
 @dataclass(frozen=True)
-class _Security:
+class Security:
     """How admin connections reach a server: a TLS client context and credentials, if any."""
 
     ssl_context: ssl.SSLContext | None = None
     auth: tuple[str, str] | None = None  # (user, password), sent as memcached's ASCII auth
 
 
-_PLAIN: Final = _Security()
+#: No TLS and no credentials: the default of every admin connection.
+PLAIN: Final = Security()
 
 
 def _auth_command(user: str, password: str) -> bytes:
@@ -90,14 +105,14 @@ def _auth_command(user: str, password: str) -> bytes:
     return b"set memsess:auth 0 -1 %d\r\n%s\r\n" % (len(data), data)
 
 
-class _AdminConnection:
+class AdminConnection:
     """One blocking connection to a server, TLS handshake and authentication done on open.
 
     ``timeout`` (seconds) bounds connect, handshake and every read. Every failure is an
     OSError: refused credentials a PermissionError, a close mid-reply a ConnectionError.
     """
 
-    def __init__(self, target: _Target, timeout: float, security: _Security = _PLAIN) -> None:
+    def __init__(self, target: Target, timeout: float, security: Security = PLAIN) -> None:
         if isinstance(target, str):
             family = socket.AF_UNIX
         else:
@@ -123,7 +138,7 @@ class _AdminConnection:
             sock.close()
             raise
 
-    def __enter__(self) -> _AdminConnection:
+    def __enter__(self) -> AdminConnection:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -167,28 +182,28 @@ class _AdminConnection:
         return taken
 
 
-def _admin_exchange(
-    target: _Target, command: bytes, timeout: float, security: _Security = _PLAIN
+def admin_exchange(
+    target: Target, command: bytes, timeout: float, security: Security = PLAIN
 ) -> bytes:
     """Send one command; read until ``END`` or an error line; ``timeout`` in seconds.
 
     Over TLS and authenticated first as ``security`` says. Every failure (refused, timed
     out, handshake failed, credentials refused, closed before ``END``) is an OSError.
     """
-    with _AdminConnection(target, timeout, security) as connection:
+    with AdminConnection(target, timeout, security) as connection:
         connection.sendall(command)
         return connection.read_until_end()
 
 
-def _probe(
-    process: subprocess.Popen[bytes] | None, target: _Target, security: _Security = _PLAIN
+def probe(
+    process: subprocess.Popen[bytes] | None, target: Target, security: Security = PLAIN
 ) -> str:
-    """``"up"``, ``"starting"``, ``"exited"``, or ``"taken"`` (another process answers)."""
-    assert process is not None
-    if process.poll() is not None:
+    """``"up"``, ``"starting"``, ``"exited"`` (or never started: None), or ``"taken"``
+    (another process answers)."""
+    if process is None or process.poll() is not None:
         return "exited"
     try:
-        reply = _admin_exchange(target, b"stats\r\n", timeout=0.25, security=security)
+        reply = admin_exchange(target, b"stats\r\n", timeout=0.25, security=security)
     except PermissionError:  # a server with other credentials: ours would know them
         return "taken"
     except OSError:  # refused, no socket file yet, or a listener that never answers
@@ -197,7 +212,7 @@ def _probe(
     return "up" if f"STAT pid {process.pid}\r\n".encode() in reply else "taken"
 
 
-def _wait_all_threads_stopped(pid: int, deadline: float) -> None:
+def wait_all_threads_stopped(pid: int, deadline: float) -> None:
     """SIGSTOP returns before every thread has stopped; a request sent at once may get an answer."""
     tasks = f"/proc/{pid}/task"
     while os.path.isdir(tasks) and time.monotonic() < deadline:

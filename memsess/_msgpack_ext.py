@@ -1,6 +1,7 @@
 """msgpack ext types for the Python values sessions hold: the ``default=``/``ext_hook=`` pair.
 
-Private to :mod:`memsess.serializers`; the ext code table is in ``MsgpackSerializer``'s docstring.
+Private to :mod:`memsess.serializers`, which uses what ``__all__`` lists; the ext code
+table is in ``MsgpackSerializer``'s docstring.
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import msgpack
+
+__all__ = [
+    "DEFAULTS",
+    "MAX_BIG_INT_BYTES",
+    "MAX_EXT_NESTING",
+    "MAX_SHARED_HASH",
+    "encoder_for",
+    "unpack",
+    "unsupported",
+]
 
 #: Tuples and sets inside tuples and sets. Each level is a nested msgpack payload and
 #: decoding one takes ~40 KiB of C stack: 200 levels (a 1 KiB input) crash an 8 MiB stack.
@@ -59,7 +70,8 @@ _UINT64_END: Final = 2**64
 _Encoder = Callable[[Any, int], Any]
 
 
-def _unsupported(value: object) -> str:
+def unsupported(value: object) -> str:
+    """Why ``value`` cannot be serialized: its type has no encoder (see :func:`encoder_for`)."""
     return f"cannot serialize object of type {type(value).__qualname__}"
 
 
@@ -78,7 +90,7 @@ def _pack_items(items: list[Any], depth: int) -> bytes:
         raise TypeError(f"tuples and sets nested deeper than {MAX_EXT_NESTING} levels")
     # packb, not the thread's Packer: this runs inside that Packer's pack() call.
     packed: bytes = msgpack.packb(
-        items, default=_DEFAULTS[depth + 1], strict_types=True, use_bin_type=True
+        items, default=DEFAULTS[depth + 1], strict_types=True, use_bin_type=True
     )
     return packed
 
@@ -158,7 +170,8 @@ _SUBCLASS_ENCODERS: Final[tuple[tuple[type | tuple[type, ...], _Encoder], ...]] 
 )
 
 
-def _encoder_for(value: object) -> _Encoder | None:
+def encoder_for(value: object) -> _Encoder | None:
+    """The ``(value, depth) -> packable`` encoder of ``value``'s type, or None: not storable."""
     encode = _ENCODERS.get(type(value))
     if encode is not None:
         return encode
@@ -172,18 +185,21 @@ def _encoder_for(value: object) -> _Encoder | None:
 
 def _default(value: object, depth: int) -> object:
     """msgpack's default= hook for values inside `depth` levels of tuples and sets."""
-    encode = _encoder_for(value)
+    encode = encoder_for(value)
     if encode is None:
-        raise TypeError(_unsupported(value))
+        raise TypeError(unsupported(value))
     return encode(value, depth)
 
 
-_DEFAULTS: Final = tuple(
+#: msgpack's default= hook for each depth of tuples and sets: ``DEFAULTS[0]`` at the top.
+DEFAULTS: Final = tuple(
     functools.partial(_default, depth=depth) for depth in range(MAX_EXT_NESTING + 1)
 )
 
 
-def _unpack(raw: bytes, depth: int) -> Any:
+def unpack(raw: bytes, depth: int) -> Any:
+    """``raw`` decoded, as found inside ``depth`` levels of tuples and sets (0: a whole
+    payload); ValueError (or a msgpack error) for bytes that are not what dumps() writes."""
     # unpackb sets max_str_len, max_array_len, ... to len(raw) (documented), so a header
     # claiming 2**31 items fails before anything is allocated for them.
     return msgpack.unpackb(
@@ -207,7 +223,7 @@ def _require_str_keys(mapping: dict[Any, Any]) -> dict[str, Any]:
 def _unpack_items(data: bytes, depth: int) -> list[Any]:
     if depth >= MAX_EXT_NESTING:
         raise ValueError(f"tuples and sets nested deeper than {MAX_EXT_NESTING} levels")
-    items = _unpack(data, depth + 1)
+    items = unpack(data, depth + 1)
     if type(items) is not list:
         raise ValueError(f"payload is a {type(items).__qualname__}, not an array")
     return items

@@ -24,7 +24,7 @@ from memsess.rules import AllAnswers, Copy, ReadRule, WriteRule
 from memsess.sealing import Sealer
 from memsess.transport import Result, WaitRule
 
-__all__ = ["LOCK_SUFFIX", "MARKER_SUFFIX", "Conflict", "Found", "Plans", "Step"]
+__all__ = ["LOCK_SUFFIX", "MARKER_SUFFIX", "Conflict", "Flow", "Found", "Plans", "Step", "short"]
 
 log = logging.getLogger("memsess.store")
 
@@ -67,6 +67,7 @@ class Conflict(Exception):  # noqa: N818 - a signal between plans, never seen by
     since the load. Nothing was written where it was found."""
 
 
+#: A plan: yields the batches to send, receives each batch's results, returns its answer.
 Flow = Generator[Step, list[Result], T]
 
 

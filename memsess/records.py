@@ -86,6 +86,7 @@ SEALED_PREFIX: Final = bytes((_MAGIC, 4))  # format 4
 CODECS: Final = {"zlib": 1, "zstd": 2}
 _ZLIB: Final = 1
 _ZSTD: Final = 2
+_ZSTD_MISSING: Final = 'compression="zstd" needs the zstandard package: pip install memsess[zstd]'
 #: Bytes a compressed session may expand to when read, unless a store says otherwise:
 #: past it, decompression stops and the copy reads as corrupt (a decompression bomb).
 DEFAULT_MAX_SESSION_SIZE: Final = 16 * 1024 * 1024
@@ -267,14 +268,13 @@ def codec_id(name: object) -> int:
     if codec is None:
         raise ValueError(f"compression must be one of {', '.join(CODECS)}, not {name!r}")
     if codec == _ZSTD and _zstandard() is None:
-        raise ImportError(
-            'compression="zstd" needs the zstandard package: pip install memsess[zstd]'
-        )
+        raise ImportError(_ZSTD_MISSING)
     return codec
 
 
 def compress(payload: bytes, codec: int) -> bytes:
-    """``payload`` compressed with codec ``codec`` (an id of :data:`CODECS`)."""
+    """``payload`` compressed with codec ``codec`` (an id of :data:`CODECS`); ImportError
+    for zstd without zstandard installed (:func:`codec_id` says so first)."""
     if codec == _ZLIB:
         return zlib.compress(payload)
     return _zstd_contexts().compressor.compress(payload)  # the frame states its size
@@ -367,7 +367,8 @@ class _ZstdContexts(threading.local):
     # times compressing a few kilobytes. A forked child uses its copy from one thread.
     def __init__(self) -> None:
         module = _zstandard()
-        assert module is not None  # callers checked
+        if module is None:  # compress() given the zstd codec that codec_id() would refuse
+            raise ImportError(_ZSTD_MISSING)
         self.compressor: zstandard.ZstdCompressor = module.ZstdCompressor(level=3)
         self.decompressor: zstandard.ZstdDecompressor = module.ZstdDecompressor()
 

@@ -84,7 +84,8 @@ class Sealer:
             self._openers.setdefault(key_id, []).append(aead)
             if sealing is None:
                 sealing = key_id, aead
-        assert sealing is not None  # _key_materials refuses an empty list
+        # _key_materials refused an empty list: the loop above ran, and the first key seals.
+        assert sealing is not None  # noqa: S101 - invariant (see above), for the type checker
         self._sealing_header = SEALED_PREFIX + sealing[0]
         self._sealing = sealing[1]
 

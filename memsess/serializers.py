@@ -15,13 +15,13 @@ from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 import msgpack
 
 from memsess._msgpack_ext import (
-    _DEFAULTS,
+    DEFAULTS,
     MAX_BIG_INT_BYTES,
     MAX_EXT_NESTING,
     MAX_SHARED_HASH,
-    _encoder_for,
-    _unpack,
-    _unsupported,
+    encoder_for,
+    unpack,
+    unsupported,
 )
 from memsess.errors import SerializationError
 
@@ -148,9 +148,9 @@ def _msgpack_leaf_problem(value: Any) -> str | None:
         return _utf8_problem(value)
     if type(value) in _MSGPACK_NATIVE:
         return None
-    encode = _encoder_for(value)
+    encode = encoder_for(value)
     if encode is None:
-        return _unsupported(value)
+        return unsupported(value)
     try:
         encoded = encode(value, 0)
     except Exception as exc:  # whatever __html__, utcoffset(), ... raise
@@ -217,7 +217,7 @@ def _pack(session: dict[str, Any]) -> bytes:
         packer = _local.packer
     except AttributeError:
         packer = _local.packer = msgpack.Packer(
-            default=_DEFAULTS[0], strict_types=True, use_bin_type=True, buf_size=4096
+            default=DEFAULTS[0], strict_types=True, use_bin_type=True, buf_size=4096
         )
     packed: bytes = packer.pack(session)
     if len(packed) > _PACKER_KEEP_BYTES:
@@ -275,7 +275,7 @@ class MsgpackSerializer:
     def loads(self, raw: bytes) -> dict[str, Any]:
         """Decode what dumps() wrote; ValueError, and nothing else, for any other bytes."""
         try:
-            data = _unpack(_check_size(raw), 0)
+            data = unpack(_check_size(raw), 0)
         except Exception as exc:  # msgpack's docs: unpackb raises more than UnpackException
             raise ValueError(f"cannot decode msgpack session data: {exc}") from exc
         if type(data) is not dict:
@@ -294,7 +294,7 @@ def _json_leaf_problem(value: Any) -> str | None:
         return _utf8_problem(value)
     if isinstance(value, tuple):
         return "tuple would come back from JSON as a list; store a list, or use msgpack"
-    return f"{_unsupported(value)} as JSON; use msgpack"
+    return f"{unsupported(value)} as JSON; use msgpack"
 
 
 _JSON_RULES: Final = _Rules(_json_leaf_problem, (dict, list), ())

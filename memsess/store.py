@@ -55,7 +55,20 @@ from memsess.sealing import Sealer
 from memsess.serializers import SERIALIZERS, Serializer, get_serializer
 from memsess.transport import Result
 
-__all__ = ["DEFAULT_TTL", "MAX_KEY_PREFIX", "SessionLock", "SessionStore", "Snapshot", "StoreCore"]
+__all__ = [
+    "DEFAULT_LOCK_LEASE",
+    "DEFAULT_LOCK_WAIT",
+    "DEFAULT_MAX_ITEM_SIZE",
+    "DEFAULT_REDUNDANCY",
+    "DEFAULT_TTL",
+    "MAX_KEY_PREFIX",
+    "ON_CONFLICT",
+    "Changes",
+    "SessionLock",
+    "SessionStore",
+    "Snapshot",
+    "StoreCore",
+]
 
 log = logging.getLogger("memsess.store")
 
@@ -465,7 +478,8 @@ class StoreCore:
                     key, record, version, exptime, since=since, conflicts=on_conflict != "overwrite"
                 )
             except Conflict:
-                assert snapshot is not None  # only a conditional save meets one
+                # Plans.save raises Conflict only given `since`, which is made of the snapshot.
+                assert snapshot is not None  # noqa: S101 - invariant, for the type checker
                 self._metrics.add("conflicts")
                 current = yield from self._fetch(sid, count=False)
                 if current is None:

@@ -28,16 +28,16 @@ from typing import Any, Final, NoReturn
 from urllib.parse import quote, unquote_to_bytes, urlencode
 
 from memsess._local_servers import (
-    _PLAIN,
-    _admin_exchange,
-    _AdminConnection,
-    _free_ports,
-    _kill_all,
-    _probe,
-    _Security,
-    _spawn,
-    _Target,
-    _wait_all_threads_stopped,
+    PLAIN,
+    AdminConnection,
+    Security,
+    Target,
+    admin_exchange,
+    free_ports,
+    kill_all,
+    probe,
+    spawn,
+    wait_all_threads_stopped,
 )
 from memsess._test_certs import TestCerts, make_test_certs
 from memsess.errors import MemsessError
@@ -104,7 +104,7 @@ def _reap(owner_pid: int, processes: list[subprocess.Popen[bytes]], directory: s
     """Kill and reap every process, remove the temp dir: the body of ``LocalCluster.close``."""
     if os.getpid() != owner_pid:
         return  # a forked child must never stop the servers of its parent
-    _kill_all(processes, timeout=START_TIMEOUT)
+    kill_all(processes, timeout=START_TIMEOUT)
     processes.clear()
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -162,7 +162,7 @@ class LocalCluster:
         #: The PEM files of the cluster's CA, server and client certificates; None without TLS.
         self.certs: TestCerts | None = None
         self._auth_file: str | None = None
-        self._security = _PLAIN
+        self._security = PLAIN
         self._processes: list[subprocess.Popen[bytes]] = []
         self._directory = tempfile.mkdtemp(prefix="memsess-")
         self._finalizer = weakref.finalize(
@@ -276,7 +276,7 @@ class LocalCluster:
         if not server.hung and server.process is not None:
             server.process.send_signal(signal.SIGSTOP)
             server.hung = True
-            _wait_all_threads_stopped(server.process.pid, deadline=time.monotonic() + 1.0)
+            wait_all_threads_stopped(server.process.pid, deadline=time.monotonic() + 1.0)
 
     def resume(self, i: int) -> None:
         """SIGCONT hung server ``i``; it then answers everything queued meanwhile."""
@@ -355,10 +355,11 @@ class LocalCluster:
             descriptor = os.open(self._auth_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "w", encoding="utf-8") as auth_file:
                 auth_file.write(f"{self.auth[0]}:{self.auth[1]}\n")
-        self._security = _Security(ssl_context, self.auth)
+        self._security = Security(ssl_context, self.auth)
 
     def _new_ssl_context(self, *, with_client_cert: bool) -> ssl.SSLContext:
-        assert self.certs is not None
+        # Called where certs are made (tls=True) or after ssl_context() checked for them.
+        assert self.certs is not None  # noqa: S101 - invariant, for the type checker
         context = ssl.create_default_context(cafile=self.certs.ca)
         if with_client_cert:
             context.load_cert_chain(self.certs.client_cert, self.certs.client_key)
@@ -379,7 +380,7 @@ class LocalCluster:
         return params
 
     def _new_servers(self) -> list[LocalServer]:
-        ports = [0] * self.n if self.unix else _free_ports(self.host, self.n, udp=self.udp)
+        ports = [0] * self.n if self.unix else free_ports(self.host, self.n, udp=self.udp)
         servers = []
         for index, port in enumerate(ports):
             path = os.path.join(self._directory, f"m{index}.sock") if self.unix else None
@@ -408,7 +409,7 @@ class LocalCluster:
         return argv + self.extra_args
 
     def _launch(self, server: LocalServer) -> None:
-        server.process = _spawn(self._argv(server), server.log_path)
+        server.process = spawn(self._argv(server), server.log_path)
         self._processes.append(server.process)
 
     def _bring_up(self, servers: list[LocalServer], *, same_address: bool) -> None:
@@ -422,7 +423,7 @@ class LocalCluster:
     def _await(self, server: LocalServer, *, same_address: bool, deadline: float) -> None:
         """Wait until ``server`` answers; relaunch it if another process took its port."""
         fresh_ports = _FRESH_PORT_ATTEMPTS
-        while (state := _probe(server.process, _target(server), self._security)) != "up":
+        while (state := probe(server.process, _target(server), self._security)) != "up":
             if time.monotonic() > deadline:
                 self._fail(server, f"did not answer ({state})")
             if state == "starting":
@@ -437,7 +438,7 @@ class LocalCluster:
                 fresh_ports -= 1
                 if fresh_ports == 0:
                     self._fail(server, f"found no free port in {_FRESH_PORT_ATTEMPTS} tries")
-                server.port = _free_ports(self.host, 1, udp=self.udp)[0]
+                server.port = free_ports(self.host, 1, udp=self.udp)[0]
                 server.udp_port = server.port if self.udp else None
             self.kill(server.index)
             self._launch(server)
@@ -472,11 +473,11 @@ class LocalCluster:
         raise LocalClusterError(f"{operation} on server {i} ({server.address}): {problem}")
 
     @contextmanager
-    def _connection(self, i: int, operation: str) -> Iterator[_AdminConnection]:
+    def _connection(self, i: int, operation: str) -> Iterator[AdminConnection]:
         """A connection to server ``i`` (TLS and auth done), its errors as LocalClusterError."""
         server = self._server(i, operation)
         try:
-            with _AdminConnection(_target(server), ANSWER_TIMEOUT, self._security) as connection:
+            with AdminConnection(_target(server), ANSWER_TIMEOUT, self._security) as connection:
                 yield connection
         except OSError as exc:
             raise LocalClusterError(
@@ -496,7 +497,7 @@ class LocalCluster:
         """Send one command; read until ``END`` or an error line; ``timeout`` in seconds."""
         timeout = ANSWER_TIMEOUT if timeout is None else timeout
         try:
-            return _admin_exchange(_target(server), command, timeout, self._security)
+            return admin_exchange(_target(server), command, timeout, self._security)
         except OSError as exc:
             message = f"{operation} on server {server.index} ({server.address}): {exc!r}"
             raise LocalClusterError(message) from exc
@@ -511,7 +512,7 @@ def _find_memcached(memcached: str | None) -> str:
     return found
 
 
-def _target(server: LocalServer) -> _Target:
+def _target(server: LocalServer) -> Target:
     return server.socket_path or (server.host, server.port)
 
 

@@ -14,6 +14,7 @@ from blocking_async import store_for
 
 from memsess import SessionStore
 from memsess.protocol import Command
+from memsess.store import StoreCore
 from memsess.testing import LocalCluster
 from memsess.transport import DEFAULT_STRAGGLER_WINDOW, FirstReply, Result, ServerPool
 from memsess.transport import fanout as blocking_fanout
@@ -76,7 +77,7 @@ def store(make_store: StoreFactory) -> SessionStore:
     return make_store()
 
 
-def server_indexes(cluster: LocalCluster, store: SessionStore, sid: str) -> list[int]:
+def server_indexes(cluster: LocalCluster, store: StoreCore, sid: str) -> list[int]:
     """Indexes in ``cluster`` of the servers holding ``sid``'s copies, in ring order."""
     by_address = {server.address: server.index for server in cluster.servers}
     return [by_address[address] for address in store.locate(sid)]
@@ -128,6 +129,7 @@ def fanout(request: pytest.FixtureRequest) -> Iterator[Fanout]:
             loop_pools[key] = LoopPools(loop, list(pools), on_reset=lambda index: None)
         batch = list(enumerate(commands))
         fan = AsyncFanout(loop_pools[key], batch, FirstReply(straggler_window))
+        # Every slot holds its result once run() has returned.
         return loop.run_until_complete(fan.run()).results  # type: ignore[return-value]
 
     yield run

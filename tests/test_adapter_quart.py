@@ -32,7 +32,7 @@ from adapter_support import (
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 from quart import Quart, request, session, websocket
-from quart.testing import QuartClient
+from quart.typing import TestClientProtocol as QuartClient  # what app.test_client() gives
 from quart.wrappers import Response
 
 import memsess
@@ -146,13 +146,13 @@ def serve(app: Quart) -> Iterator[str]:
     config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns (and closes) it
     config.accesslog = config.errorlog = None
     started = threading.Event()
-    stop: list[Callable[[], None]] = []
+    stop: list[Callable[[], object]] = []
 
     async def main() -> None:
         loop, shutdown = asyncio.get_running_loop(), asyncio.Event()
         stop.append(lambda: loop.call_soon_threadsafe(shutdown.set))
         started.set()
-        await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+        await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
     thread.start()
@@ -185,7 +185,7 @@ def app(astore: AsyncSessionStore) -> Quart:
 
 @pytest.fixture
 def client(app: Quart) -> QuartClient:
-    return app.test_client(use_cookies=False)  # type: ignore[return-value]
+    return app.test_client(use_cookies=False)
 
 
 def test_login_request_logout(
@@ -305,7 +305,7 @@ def test_bad_cookie_gets_a_fresh_session_and_never_reaches_memcached(
 ) -> None:
     # Through httpx's ASGI transport, which sends the header as given.
     async def scenario() -> tuple[str, str]:
-        transport = httpx.ASGITransport(app)  # type: ignore[arg-type]
+        transport = httpx.ASGITransport(app)  # type: ignore[arg-type]  # Quart: narrower ASGI types
         headers = {"Cookie": f"{NAME}={value}"}
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             whoami = await client.get("/whoami", headers=headers)
@@ -327,7 +327,7 @@ def test_crlf_cookie_is_refused_before_the_session_is_opened(
     app: Quart, astore: AsyncSessionStore, store: SessionStore, cluster: LocalCluster
 ) -> None:
     async def scenario() -> None:
-        transport = httpx.ASGITransport(app)  # type: ignore[arg-type]
+        transport = httpx.ASGITransport(app)  # type: ignore[arg-type]  # Quart: narrower ASGI types
         headers = {"Cookie": f"{NAME}={BAD_COOKIES['crlf']}"}
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             with pytest.raises(ValueError, match="newline"):

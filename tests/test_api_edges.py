@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from blocking_async import DRIVERS, store_for
+from blocking_async import DRIVERS, BlockingAsync, store_for
 from conftest import TEST_TIMEOUT, StoreFactory, all_keys, server_indexes
 
 from memsess import (
@@ -31,6 +31,7 @@ from memsess.records import DATA, FLAGS, VersionClock, encode_record, storage_ke
 from memsess.serializers import JSON
 from memsess.store import MAX_KEY_PREFIX
 from memsess.testing import LocalCluster
+from memsess.transport import Result
 from memsess.transport.udp_core import HEADER, UdpRead
 
 # memcached refuses an -I under its slab_chunk_max (512 KiB by default) at start-up.
@@ -150,17 +151,17 @@ def test_key_prefix_is_kept_as_given_and_starts_every_key(
     assert prefixes == {b"app1:", b"app2:"}
 
 
-def test_the_longest_key_prefix_leaves_room_for_every_key(
-    make_store: StoreFactory, driver: str
-) -> None:
+def test_the_longest_key_prefix_leaves_room_for_every_key(make_store: StoreFactory) -> None:
     store = make_store(key_prefix="p" * MAX_KEY_PREFIX)
     sid = store.new_id()
     store.save(sid, {"n": 1})
-    lock = store.lock(sid)  # the longest key: the prefix, the digest and ".lock"
-    if driver == "async":
-        store.run(lock.acquire())  # type: ignore[attr-defined]
-        store.run(lock.release())  # type: ignore[attr-defined]
+    # The lock's key is the longest: the prefix, the digest and ".lock".
+    if isinstance(store, BlockingAsync):  # the async store's lock: awaited
+        async_lock = store.store.lock(sid)
+        store.run(async_lock.acquire())
+        store.run(async_lock.release())
     else:
+        lock = store.lock(sid)
         lock.acquire()
         lock.release()
     assert store.touch(sid) is True
@@ -231,7 +232,7 @@ def test_touch_of_a_sealed_store_reads_a_plain_copy_as_no_session(
     ],
 )
 def test_a_server_without_gat_gets_a_plain_touch(
-    make_store: StoreFactory, answers: list[Status], touched: bool
+    make_store: StoreFactory, answers: list[Result], touched: bool
 ) -> None:
     # memcached before 1.5.3 answers ERROR to gat: the plan, driven by hand, falls back.
     store = make_store()
@@ -239,7 +240,8 @@ def test_a_server_without_gat_gets_a_plain_touch(
     plan = store._plans.touch(key, 60)
     gat = next(plan)
     assert [command.data[:4] for _, command in gat.batch] == [b"gat ", b"gat "]
-    fallback = plan.send([ErrorReply("ERROR", ""), ErrorReply("ERROR", "")][: len(gat.batch)])
+    refused: list[Result] = [ErrorReply("ERROR", ""), ErrorReply("ERROR", "")]
+    fallback = plan.send(refused[: len(gat.batch)])
     assert [command.data[:6] for _, command in fallback.batch] == [b"touch ", b"touch "]
     with pytest.raises(StopIteration) as done:
         plan.send(answers * len(fallback.batch))
@@ -439,7 +441,7 @@ def test_the_store_wide_timeout_applies_where_the_entry_has_none(
     driver: str, entry: dict[str, float], store_wide: float, waited: str
 ) -> None:
     with LocalCluster(1) as one:
-        store = store_for(driver, one.dsn(**entry), redundancy=1, timeout=store_wide)
+        store = store_for(driver, one.dsn(None, **entry), redundancy=1, timeout=store_wide)
         try:
             sid = store.new_id()
             store.save(sid, {"n": 1})
@@ -471,7 +473,7 @@ def test_the_store_wide_retry_interval_applies_where_the_entry_has_none(driver: 
 
 def test_from_dsn_takes_a_list_of_servers(cluster: LocalCluster, driver: str) -> None:
     servers = [f"tcp://{server.address}?timeout={TEST_TIMEOUT}" for server in cluster.servers]
-    with store_for(driver, servers, redundancy=3) as store:  # type: ignore[arg-type]
+    with store_for(driver, servers, redundancy=3) as store:
         assert [status.address for status in store.health()] == [
             server.address for server in cluster.servers
         ]

@@ -29,7 +29,8 @@ START = {"user": "ann", "cart": [1]}
 
 @pytest.fixture(params=[None, "kill"], ids=["healthy", "a-server-killed"])
 def fault(request: pytest.FixtureRequest) -> str | None:
-    return request.param  # type: ignore[no-any-return]
+    param: str | None = request.param
+    return param
 
 
 @pytest.fixture
@@ -518,6 +519,7 @@ def asgi_race_app(
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
+    from memsess.adapters import AsyncSession
     from memsess.adapters.asgi import SessionMiddleware
 
     async def change(request: Request) -> PlainTextResponse:
@@ -530,8 +532,10 @@ def asgi_race_app(
         if request.query_params.get("logout"):
             request.session.clear()
         elif request.query_params.get("login"):
-            request.session.regenerate()
-            request.session["user"] = "ann (logged in)"
+            session = request.session  # Starlette types it as a dict: it is memsess's
+            assert isinstance(session, AsyncSession)
+            session.regenerate()
+            session["user"] = "ann (logged in)"
         else:
             request.session[request.query_params["key"]] = name
         return PlainTextResponse("ok")
@@ -936,9 +940,10 @@ def test_litestar(cluster: LocalCluster, fault: str | None, store: SessionStore)
             stores={"sessions": memsess_store},
             logging_config=None,
         )
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://test"
-        ) as client:
+        # Litestar types the ASGI scope and messages more narrowly than httpx's app: the
+        # two libraries' annotations disagree, the protocol they speak is the same.
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             assert (await client.get("/login")).status_code == 200
             sid = client.cookies["session"]
             if fault == "kill":
@@ -952,6 +957,7 @@ def test_litestar(cluster: LocalCluster, fault: str | None, store: SessionStore)
             snapshot = await astore.fetch(memsess_store.memsess_id(sid))
         await astore.aclose()
         assert snapshot is not None
-        return json.loads(snapshot.data["value"])
+        value: dict[str, Any] = json.loads(snapshot.data["value"])
+        return value
 
     assert asyncio.run(main()) == {"user": "ann", "cart": [1, 2], "theme": "dark"}

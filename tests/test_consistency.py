@@ -213,10 +213,10 @@ def test_sixteen_threads_through_a_hang_and_resume_give_no_wrong_answer(
                 for value in range(3):
                     store.save(sid, {"v": value})
                     mine[sid] = value
-                for known, value in list(mine.items())[-8:]:
+                for known, last in list(mine.items())[-8:]:
                     got = store.load(known)
-                    if got != (None if value is None else {"v": value}):
-                        wrong.append(f"{known[:6]}: expected {value}, got {got}")
+                    if got != (None if last is None else {"v": last}):
+                        wrong.append(f"{known[:6]}: expected {last}, got {got}")
                 store.delete(sid)
                 mine[sid] = None
                 counts[n] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -17,6 +18,7 @@ from memsess.dsn import (
     DEFAULT_WEIGHT,
     MAX_RETRY_INTERVAL,
     MAX_TIMEOUT,
+    Scheme,
     ServerSpec,
     format_dsn,
     parse_dsn,
@@ -25,12 +27,12 @@ from memsess.dsn import (
 from memsess.errors import DSNError
 
 
-def tcp(host: str, port: int = DEFAULT_PORT, **options: object) -> ServerSpec:
-    return ServerSpec("tcp", host, port, **options)  # type: ignore[arg-type]
+def tcp(host: str, port: int = DEFAULT_PORT, **options: Any) -> ServerSpec:
+    return ServerSpec("tcp", host, port, **options)
 
 
-def tls(host: str, port: int = DEFAULT_PORT, **options: object) -> ServerSpec:
-    return ServerSpec("tls", host, port, **options)  # type: ignore[arg-type]
+def tls(host: str, port: int = DEFAULT_PORT, **options: Any) -> ServerSpec:
+    return ServerSpec("tls", host, port, **options)
 
 
 # (save_path, servers PHP's memcache extension would build from it)
@@ -729,8 +731,9 @@ def tls_options(draw: st.DrawFn) -> dict[str, object]:
 
 @st.composite
 def server_specs(draw: st.DrawFn) -> ServerSpec:
-    scheme = draw(st.sampled_from(["tcp", "udp", "unix", "tls"]))
-    options: dict[str, object] = {
+    schemes: list[Scheme] = ["tcp", "udp", "unix", "tls"]
+    scheme = draw(st.sampled_from(schemes))
+    options: dict[str, Any] = {
         "weight": draw(st.integers(1, 10_000)),
         "timeout": draw(timeouts),
         "retry_interval": draw(retry_intervals),
@@ -738,14 +741,14 @@ def server_specs(draw: st.DrawFn) -> ServerSpec:
     }
     if scheme == "unix":
         path = draw(st.from_regex(r"/[A-Za-z0-9_./-]{0,40}", fullmatch=True))
-        return ServerSpec("unix", path, 0, **options)  # type: ignore[arg-type]
+        return ServerSpec("unix", path, 0, **options)
     host = draw(st.one_of(hostnames, ipv4, ipv6))
     udp_port = draw(st.none() | ports) if scheme == "tcp" else None
     if scheme in ("tcp", "tls") and udp_port is None and draw(st.booleans()):
         options |= {"username": draw(usernames), "password": draw(passwords)}
     if scheme == "tls":
         options |= draw(tls_options())
-    return ServerSpec(scheme, host, draw(ports), udp_port=udp_port, **options)  # type: ignore[arg-type]
+    return ServerSpec(scheme, host, draw(ports), udp_port=udp_port, **options)
 
 
 server_lists = st.lists(server_specs(), min_size=1, max_size=6, unique_by=lambda s: s.name.lower())
@@ -863,7 +866,7 @@ def test_with_defaults_leaves_a_spec_made_by_hand_alone() -> None:
     by_hand = tcp("a")
     assert with_defaults([by_hand], timeout=0.25, retry_interval=3) == (by_hand,)
     (parsed,) = with_defaults(parse_dsn("tcp://a"), timeout=0.25)
-    assert (parsed.timeout, parsed.defaulted) == (0.25, {"retry_interval"})
+    assert (parsed.timeout, parsed.defaulted) == (0.25, frozenset({"retry_interval"}))
 
 
 @pytest.mark.parametrize(

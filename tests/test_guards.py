@@ -46,7 +46,8 @@ def run_rest(store: SessionStore, flow: Flow[T], results: list[Any]) -> T:
         while True:
             results = run_step(store, flow.send(results))
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        value: T = stop.value
+        return value
 
 
 def data_record(store: SessionStore, version: int, data: dict[str, Any]) -> bytes:

@@ -395,8 +395,9 @@ def test_an_item_under_a_key_not_asked_for_is_refused_however_split(
 
 
 def test_items_of_a_multi_get_may_come_in_any_order_and_repeat_a_key() -> None:
-    items = (Item(b"k3", 0, b"c", 3), Item(b"k1", 0, b"a", 1), Item(b"k3", 0, b"c", 3))
-    data = b"".join(b"VALUE %b 0 1 %d\r\n%b\r\n" % (i.key, i.cas, i.value) for i in items)
+    sent = ((b"k3", b"c", 3), (b"k1", b"a", 1), (b"k3", b"c", 3))  # key, value, cas
+    items = tuple(Item(key, 0, value, cas) for key, value, cas in sent)
+    data = b"".join(b"VALUE %b 0 1 %d\r\n%b\r\n" % (key, cas, value) for key, value, cas in sent)
     command = protocol.get(b"k1", b"k2", b"k3", cas=True)
     assert parse([command], [data + b"END\r\n"]) == [Values(items)]
 

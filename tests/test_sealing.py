@@ -290,6 +290,9 @@ def test_without_zstandard_zstd_is_refused_to_write_and_read_as_corrupt(
         codec_id("zstd")
     with pytest.raises(ImportError, match=r"pip install memsess\[zstd\]"):
         SessionStore.from_dsn("127.0.0.1:1", compress_threshold=100, compression="zstd")
+    records_module._zstd_contexts.cache_clear()  # as in a process that never compressed yet
+    with pytest.raises(ImportError, match=r"pip install memsess\[zstd\]"):
+        compress(payload, CODECS["zstd"])
     with pytest.raises(ValueError, match=r"zstandard is not installed here.*memsess\[zstd\]"):
         plain_payload(record)
     assert codec_id("zlib") == CODECS["zlib"]
@@ -608,7 +611,11 @@ def test_compressed_and_sealed_together(cluster: LocalCluster, make_store: Store
 
 # -- the options through each adapter ---------------------------------------------------------
 
-ADAPTER_OPTIONS = {"secret_keys": [NEW_KEY], "compress_threshold": 64, "compression": "zstd"}
+ADAPTER_OPTIONS: dict[str, Any] = {
+    "secret_keys": [NEW_KEY],
+    "compress_threshold": 64,
+    "compression": "zstd",
+}
 
 
 def assert_sealed_and_compressed(cluster: LocalCluster, prefix: str | bytes, sid: str) -> None:

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import pytest
 
 import memsess.testing
+from memsess import _local_servers
 from memsess.errors import MemsessError
 from memsess.testing import (
     LocalCluster,
@@ -399,7 +400,7 @@ def test_a_port_taken_meanwhile_is_replaced_by_a_free_one(
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = [other.servers[0].port, squatter.getsockname()[1]]
-        real_free_ports = memsess.testing._free_ports
+        real_free_ports = _local_servers.free_ports
         handed_out: list[int] = []
 
         def free_ports_racing(host: str, count: int, *, udp: bool) -> list[int]:
@@ -407,7 +408,8 @@ def test_a_port_taken_meanwhile_is_replaced_by_a_free_one(
             handed_out.extend(ports)
             return ports
 
-        monkeypatch.setattr(memsess.testing, "_free_ports", free_ports_racing)
+        # Where LocalCluster looks it up: memsess.testing imported the name.
+        monkeypatch.setattr(memsess.testing, "free_ports", free_ports_racing)
         cluster = local_cluster_factory(2)
     assert not {server.port for server in cluster.servers} & set(taken)
     assert all(cluster.stats(i)["pid"] for i in range(2))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import pytest
 from conftest import Fanout
@@ -168,11 +169,11 @@ def test_a_host_that_resolves_later_is_reached_once_resolve_succeeds(
     real = socket.getaddrinfo
     dns_up = False
 
-    def dns(host: str, *args: object, **kwargs: object) -> object:
+    def dns(host: str, *args: Any, **kwargs: Any) -> object:
         # A name only this test's DNS knows: the server's address, once DNS is back.
         if host != "memcached-a.test" or not dns_up:
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(server.host, *args, **kwargs)  # type: ignore[arg-type]
+        return real(server.host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", dns)
     pool = ServerPool(ServerSpec("tcp", "memcached-a.test", server.port, timeout=0.5))

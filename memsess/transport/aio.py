@@ -28,9 +28,9 @@ from memsess.transport.fanout import WaitRule
 from memsess.transport.pool import ServerPool
 from memsess.transport.tls import HANDSHAKE_WINDOW
 from memsess.transport.udp import (
+    UdpConnection,
     UdpPool,
     UdpRoutes,
-    _UdpConnection,
     cut_off,
     read_datagrams,
     record_fallback,
@@ -278,7 +278,7 @@ class AsyncFanout:
         self._sent_at = [inf] * count  # when each command was written (inf: not yet)
         self._conns: list[StreamConnection | None] = [None] * count
         self._tasks: list[asyncio.Task[None] | None] = [None] * count
-        self._udp: list[tuple[UdpPool, UdpRead, _UdpConnection] | None] = [None] * count
+        self._udp: list[tuple[UdpPool, UdpRead, UdpConnection] | None] = [None] * count
         self.results: list[Result | None] = [None] * count
         self.latency = [0.0] * count
         exchanges = []
@@ -359,7 +359,8 @@ class AsyncFanout:
 
     def _write(self, slot: int, conn: StreamConnection, exchange: Exchange, out: bytes) -> None:
         transport = conn.transport
-        assert transport is not None
+        # A connection is attached to a batch only once connection_made() set its transport.
+        assert transport is not None  # noqa: S101 - invariant, for the type checker
         transport.write(out)  # buffered by the transport if the socket takes less
         exchange.sent(len(out))
         if exchange.handed_over:
@@ -449,7 +450,7 @@ class AsyncFanout:
         """Drop the UDP socket (a late datagram then has nowhere to land) and send the
         command over a stream connection of the same server, under its own deadline."""
         pending = self._udp[slot]
-        assert pending is not None
+        assert pending is not None  # noqa: S101 - invariant: called for a slot reading over UDP
         udp, _, conn = pending
         self._udp[slot] = None
         self._loop.remove_reader(conn.fd)

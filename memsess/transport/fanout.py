@@ -25,9 +25,9 @@ from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result
 from memsess.transport.pool import Connection, ServerPool
 from memsess.transport.tls import HANDSHAKE_WINDOW
 from memsess.transport.udp import (
+    UdpConnection,
     UdpPool,
     UdpRoutes,
-    _UdpConnection,
     cut_off,
     read_datagrams,
     record_fallback,
@@ -167,7 +167,7 @@ class Fanout:
             except OSError as exc:  # no socket to be had (EMFILE...): this read goes by TCP
                 log.warning("memcached %s: no UDP socket, read over TCP: %s", udp.spec.name, exc)
             else:
-                assert routes is not None
+                assert routes is not None  # noqa: S101 - invariant: udp came from routes
                 read = UdpRead(exchange.command, conn.take_id(), conn.protocol, routes.udp_wait)
                 self._udp[slot] = (udp, read)
                 self._conns[slot] = conn
@@ -393,7 +393,7 @@ class Fanout:
         """Drop the UDP socket (a late datagram then has nowhere to land) and send the
         command over a stream connection of the same server, under its own deadline."""
         udp = self._udp[slot]
-        assert udp is not None
+        assert udp is not None  # noqa: S101 - invariant: called for a slot reading over UDP
         conn = self._unwatch(slot)
         if conn is not None:
             conn.close()
@@ -422,7 +422,7 @@ class Fanout:
     def _end(self, slot: int, result: Result, *, keep: bool) -> None:
         conn = self._unwatch(slot)
         if conn is not None:
-            if keep and not isinstance(conn, _UdpConnection):
+            if keep and not isinstance(conn, UdpConnection):
                 self._pools[slot].release(conn)
             else:
                 # Closing is what makes a late reply harmless: it can never be read as

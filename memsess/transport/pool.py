@@ -20,6 +20,7 @@ from memsess.transport.exchange import connect_error
 from memsess.transport.tls import TlsClient, TlsLink
 
 __all__ = [
+    "DEFAULT_MAX_IDLE",
     "Connection",
     "ServerPool",
     "close_all",

@@ -39,6 +39,7 @@ from memsess.transport.udp_core import (
 __all__ = [
     "DEFAULT_UDP_WAIT",
     "DatagramLostError",
+    "UdpConnection",
     "UdpPool",
     "UdpRoutes",
     "cut_off",
@@ -77,7 +78,7 @@ class DatagramLostError(TimeoutError):
 # -- sockets ---------------------------------------------------------------------------
 
 
-class _UdpConnection(Connection):
+class UdpConnection(Connection):
     """A connected UDP socket and the request id it sends next.
 
     Ids are counted per socket, from a random start: only this socket's own requests can
@@ -139,7 +140,7 @@ class UdpPool:
         # racing in two threads may lose one), not a figure anything depends on.
         self.replies = 0
         self.fallbacks = 0
-        self._idle: deque[_UdpConnection] = deque()
+        self._idle: deque[UdpConnection] = deque()
         self._lock = threading.Lock()
         self._family = socket.AF_INET
         self._address: tuple[str, int] | None = None
@@ -151,7 +152,7 @@ class UdpPool:
         """As :meth:`ServerPool.resolve`, for the UDP port."""
         if self._address is not None:
             return None
-        assert self.spec.udp_port is not None  # checked in __init__
+        assert self.spec.udp_port is not None  # noqa: S101 - invariant: __init__ refused None
         try:
             family, address = resolve(self.spec, self.spec.udp_port, socket.SOCK_DGRAM)
         except ConnectError as exc:
@@ -162,7 +163,7 @@ class UdpPool:
         self.unresolved = None
         return None
 
-    def acquire(self) -> _UdpConnection:
+    def acquire(self) -> UdpConnection:
         """An idle socket, or a new one; raises OSError if none can be opened
         (ConnectError while the host has not resolved)."""
         try:
@@ -183,11 +184,11 @@ class UdpPool:
         except OSError:
             sock.close()
             raise
-        return _UdpConnection(sock, self.max_value_size)
+        return UdpConnection(sock, self.max_value_size)
 
     def release(self, conn: Connection) -> None:
         """Pool again a socket whose reply was read in full."""
-        if len(self._idle) < self.max_idle and isinstance(conn, _UdpConnection):
+        if len(self._idle) < self.max_idle and isinstance(conn, UdpConnection):
             self._idle.append(conn)
         else:
             conn.close()
