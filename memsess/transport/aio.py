@@ -26,7 +26,6 @@ from memsess.protocol import ClientProtocol, Command
 from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result, connect_error
 from memsess.transport.fanout import WaitRule
 from memsess.transport.pool import ServerPool
-from memsess.transport.tls import HANDSHAKE_WINDOW
 from memsess.transport.udp import (
     UdpConnection,
     UdpPool,
@@ -465,9 +464,7 @@ class AsyncFanout:
         the window has passed since its command was written. A command not yet written
         (its connect waits for this loop) is never cut: a write cut then would skip a
         copy because the loop was busy, not because the server was."""
-        window = self._window
-        if self.exchanges[slot].handshaking:
-            window = max(window, HANDSHAKE_WINDOW)
+        window = self.exchanges[slot].straggler_window(self._window)
         return max(self._cut_at, self._sent_at[slot] + window)
 
     def _arm(self) -> None:

@@ -40,7 +40,7 @@ from memsess.protocol import (
     ReplyKind,
     Status,
 )
-from memsess.transport.tls import TlsLink
+from memsess.transport.tls import HANDSHAKE_WINDOW, TlsLink
 
 __all__ = [
     "AUTH_KEY",
@@ -211,10 +211,11 @@ class Exchange:
         is as slow as one that hangs on a command, and is cut off the same way."""
         return not self.out
 
-    @property
-    def handshaking(self) -> bool:
-        """Whether a TLS handshake still holds the command back."""
-        return bool(self._held)
+    def straggler_window(self, window: float) -> float:
+        """The seconds this exchange gets after its last write before it may be cut as
+        a straggler, given the command's ``window``: at least HANDSHAKE_WINDOW while a
+        TLS handshake holds the command back (see memsess.transport.tls)."""
+        return max(window, HANDSHAKE_WINDOW) if self._held else window
 
     def connect_failed(self, code: int) -> MemsessError:
         return connect_error(self.spec, code)

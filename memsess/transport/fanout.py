@@ -23,7 +23,6 @@ from memsess.errors import ConnectError, MemsessError, TlsError
 from memsess.protocol import Command
 from memsess.transport.exchange import Exchange, Outcome, Reconnect, Result
 from memsess.transport.pool import Connection, ServerPool
-from memsess.transport.tls import HANDSHAKE_WINDOW
 from memsess.transport.udp import (
     UdpConnection,
     UdpPool,
@@ -291,8 +290,7 @@ class Fanout:
             exchange = self.exchanges[slot]
             if conn is None or not conn.connected or not exchange.handed_over:
                 return _INF
-            if exchange.handshaking:
-                return max(self._cut_at, self._sent_at[slot] + max(self._window, HANDSHAKE_WINDOW))
+            return max(self._cut_at, self._sent_at[slot] + exchange.straggler_window(self._window))
         return max(self._cut_at, self._sent_at[slot] + self._window)
 
     def _step(self, slot: int, mask: int) -> None:
