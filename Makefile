@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint check-dist soak bench bench-smoke clean
+.PHONY: setup demo test test-compiled lint check-dist soak bench bench-smoke clean
 
 # Everything memsess's own work needs: [dev] (its test suite's extras, lint, types,
 # packaging), [test] (what users' suites get), [bench] and every optional feature.
@@ -22,7 +22,13 @@ demo: setup
 	$(BIN)/memsess demo
 
 test: setup lint
-	$(BIN)/pytest -q
+	MEMSESS_EXPECT_BUILD=pure $(BIN)/pytest -q
+
+# The same suite on the compiled build (mypyc, built in place, removed afterwards).
+test-compiled: setup
+	$(BIN)/python scripts/build-compiled
+	MEMSESS_EXPECT_BUILD=compiled $(BIN)/pytest -q; status=$$?; \
+	$(BIN)/python scripts/build-compiled --clean; exit $$status
 
 # mypy and lint-imports see adapters/ as memsess.adapters through the link (see the script).
 lint: $(STAMP)

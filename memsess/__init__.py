@@ -11,6 +11,7 @@ import logging
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from memsess._build import COMPILED, compiled_modules
 from memsess.aio import AsyncSessionStore
 from memsess.cluster import ServerStatus
 from memsess.dsn import ServerSpec, parse_dsn
@@ -40,6 +41,9 @@ from memsess.sealing import generate_key
 from memsess.store import SessionStore, Snapshot
 
 __version__ = "0.1.0"
+#: True when the hot path runs compiled (mypyc: a wheel built with a C compiler at hand,
+#: or scripts/build-compiled), False in the pure-Python build; the same source either way.
+__compiled__: bool = len(compiled_modules()) == len(COMPILED)
 
 __all__ = [
     "AsyncSessionStore",
@@ -67,6 +71,7 @@ __all__ = [
     "TlsError",
     "TransportError",
     "WriteError",
+    "__compiled__",
     "__version__",
     "generate_key",
     "parse_dsn",

@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable
 
-__all__ = ["renew_locks_after_fork"]
+__all__ = ["fork_safe_lock", "renew_locks_after_fork"]
 
 _Factory = Callable[[], object]
 # (id(owner), attribute name) -> (weak reference to owner, lock factory). Keyed by id,
@@ -33,8 +33,28 @@ def renew_locks_after_fork(owner: object, *names: str, factory: _Factory = threa
         _RENEWALS[entry] = (weakref.ref(owner, forget), factory)
 
 
+# Every lock fork_safe_lock() made that is still alive (a lock takes weak references;
+# the classes mypyc compiles do not, so they cannot be owners of the renewals above).
+_LOCKS: weakref.WeakSet[threading.Lock] = weakref.WeakSet()
+
+
+def fork_safe_lock() -> threading.Lock:
+    """A ``threading.Lock`` that is free in every child forked from now on: held by
+    another thread at the fork, it is released in the child before the child runs.
+
+    For owners that cannot be weakly referenced (the compiled build's classes); the
+    lock is not kept alive by this."""
+    lock = threading.Lock()
+    _LOCKS.add(lock)
+    return lock
+
+
 def _after_fork_in_child() -> None:
-    # The child runs only this thread: no lock is needed to walk the table.
+    # The child runs only this thread: no lock is needed to walk the tables. A plain
+    # Lock may be released by any thread, and no thread in the child holds one.
+    for lock in list(_LOCKS):
+        if lock.locked():
+            lock.release()
     for (_, name), (ref, factory) in list(_RENEWALS.items()):
         owner = ref()
         if owner is not None:

@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Final, NoReturn, TextIO, TypeVar
 
+from memsess import __compiled__, __version__
+from memsess._build import describe as describe_build
 from memsess.admin import RawCopy, ServerCheck, check_server, probe_health, read_copy
 from memsess.copies import Classified, Copy, CopyStatus, classify, open_copy
 from memsess.dsn import ServerSpec, parse_dsn
@@ -253,12 +255,14 @@ def run_check(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     for check, status in zip(checks, results["health probe"], strict=True):
         check.state, check.state_reason = status.state, status.reason
     code, verdict = _check_verdict(checks, redundancy)
+    build = f"memsess {__version__}, {describe_build()}"
     if args.json:
         report = {"servers": [dataclasses.asdict(c) for c in checks], "redundancy": redundancy}
+        report |= {"memsess": __version__, "compiled": __compiled__, "build": describe_build()}
         json.dump({**report, "verdict": verdict, "exit_status": code}, out, indent=2)
         out.write("\n")
     else:
-        out.write(_check_table(checks) + "\n" + verdict + "\n")
+        out.write(_check_table(checks) + "\n" + verdict + "\n" + build + "\n")
     return code
 
 

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import math
 import ssl
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,7 +21,7 @@ from time import monotonic
 
 from uhashring import HashRing
 
-from memsess._forksafe import renew_locks_after_fork
+from memsess._forksafe import fork_safe_lock
 from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError, MemsessError, NoServerAvailableError, TimeoutError
 from memsess.health import (
@@ -88,7 +87,7 @@ class Cluster:
         self,
         servers: Sequence[ServerSpec],
         *,
-        redundancy: int,
+        redundancy: object,  # an int, checked below: typed int, mypyc's own check would word it
         clock: VersionClock | None = None,
         straggler_window: float | None = None,
         failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
@@ -153,8 +152,7 @@ class Cluster:
         #: Called (outside any lock) when a server is marked down: the store wakes the
         #: thread that probes it.
         self.on_down: Callable[[], None] = lambda: None
-        self._lock = threading.Lock()
-        renew_locks_after_fork(self, "_lock")
+        self._lock = fork_safe_lock()
         self.replica_set = _replica_sets(self.servers, redundancy)
         self.refresh_windows()
 

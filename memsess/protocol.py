@@ -206,7 +206,8 @@ class NeedData(enum.Enum):
     def __repr__(self) -> str:
         return "NEED_DATA"
 
-    __str__ = __repr__
+    def __str__(self) -> str:  # not ``__str__ = __repr__``: mypyc compiles no class-body alias
+        return "NEED_DATA"
 
 
 #: What ClientProtocol.next_reply returns while the next reply is incomplete.

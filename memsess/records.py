@@ -33,7 +33,7 @@ from functools import lru_cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Final, NamedTuple
 
-from memsess._forksafe import renew_locks_after_fork
+from memsess._forksafe import fork_safe_lock
 from memsess.errors import SessionIdError
 
 if TYPE_CHECKING:
@@ -384,12 +384,11 @@ class VersionClock:
     reading a copy written on a machine whose clock runs ahead still wins.
     Safe to share between threads and across a fork."""
 
-    __slots__ = ("__weakref__", "_last", "_lock")
+    __slots__ = ("_last", "_lock")
 
     def __init__(self) -> None:
         self._last = 0
-        self._lock = threading.Lock()
-        renew_locks_after_fork(self, "_lock")
+        self._lock = fork_safe_lock()
 
     def tick(self) -> int:
         """A new version: now in microseconds, or one more than the last one."""

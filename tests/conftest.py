@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -12,13 +13,43 @@ from typing import Any
 import pytest
 from blocking_async import store_for
 
+import memsess
 from memsess import SessionStore
+from memsess._build import COMPILED, compiled_modules, describe, stale_modules
 from memsess.protocol import Command
 from memsess.store import StoreCore
 from memsess.testing import LocalCluster
 from memsess.transport import DEFAULT_STRAGGLER_WINDOW, FirstReply, Result, ServerPool
 from memsess.transport import fanout as blocking_fanout
 from memsess.transport.aio import AsyncFanout, LoopPools
+
+
+#: ``make test`` sets it to "pure", ``make test-compiled`` to "compiled": the suite then
+#: refuses to run on the other build, so a run can never test what it did not mean to.
+EXPECTED_BUILD_ENV = "MEMSESS_EXPECT_BUILD"
+
+
+def pytest_report_header() -> str:
+    return f"memsess build: {describe()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    expected = os.environ.get(EXPECTED_BUILD_ENV, "")
+    running = "compiled" if memsess.__compiled__ else "pure"
+    if expected and expected != running:
+        pytest.exit(
+            f"{EXPECTED_BUILD_ENV}={expected}, but the {running} build runs ({describe()});"
+            " scripts/build-compiled builds in place, scripts/build-compiled --clean removes it",
+            returncode=3,
+        )
+    if 0 < len(compiled_modules()) < len(COMPILED):
+        pytest.exit(f"a broken build: {describe()}", returncode=3)
+    if stale := stale_modules():
+        pytest.exit(
+            f"the compiled build in place is older than the source of {', '.join(stale)}:"
+            " run scripts/build-compiled again, or scripts/build-compiled --clean",
+            returncode=3,
+        )
 
 # Short enough that a hung server is noticed quickly in tests, long enough that
 # a loaded 2-core machine never times out a healthy one.

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from conftest import all_keys, key_of, server_indexes
 
+import memsess as memsess_package
 from memsess import SessionStore
 from memsess.copies import CopyStatus
 from memsess.protocol import MAX_STATS_LINES, MAX_STATS_SIZE
@@ -88,6 +89,15 @@ def test_check_healthy_cluster_exits_0_with_one_row_per_server(
         assert cells[-2:] == ["configured", "up"]  # udp "not configured", memsess "up"
     assert "OK: all 3 servers up; redundancy 2 met" in result.stdout
     assert result.stderr == ""  # no progress lines: nothing was slow
+    build = "compiled (mypyc, " if memsess_package.__compiled__ else "pure Python"
+    assert f"memsess {memsess_package.__version__}, {build}" in result.stdout
+
+
+def test_check_json_says_which_build_runs(dsn: str) -> None:
+    report = json.loads(memsess("check", dsn, "--json").stdout)
+    assert report["memsess"] == memsess_package.__version__
+    assert report["compiled"] is memsess_package.__compiled__
+    assert report["build"].startswith("compiled" if report["compiled"] else "pure")
 
 
 def test_check_with_a_server_killed_says_down_and_exits_1(cluster: LocalCluster, dsn: str) -> None:

@@ -8,12 +8,13 @@ import os
 import select
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import pytest
 
-from memsess._forksafe import _RENEWALS, renew_locks_after_fork
+from memsess._forksafe import _LOCKS, _RENEWALS, fork_safe_lock, renew_locks_after_fork
 from memsess.metrics import Metrics
 from memsess.records import DATA, FLAGS, VersionClock, decode_record, encode_record
 
@@ -100,12 +101,33 @@ def test_metrics_count_in_a_child_forked_while_another_thread_counts() -> None:
 
 
 def test_renewal_does_not_keep_its_owner_alive() -> None:
-    clock = VersionClock()
-    entry = (id(clock), "_lock")
+    metrics = Metrics()
+    entry = (id(metrics), "_lock")
     assert entry in _RENEWALS
-    del clock
+    del metrics
     gc.collect()
     assert entry not in _RENEWALS
+
+
+def test_a_fork_safe_lock_is_not_kept_alive_by_its_registration() -> None:
+    clock = VersionClock()
+    lock = weakref.ref(clock._lock)
+    assert lock() in _LOCKS
+    del clock
+    gc.collect()
+    assert lock() is None
+
+
+def test_a_fork_safe_lock_held_at_the_fork_is_free_in_the_child_and_held_in_the_parent() -> None:
+    lock = fork_safe_lock()
+
+    def use() -> None:
+        with lock:
+            pass
+
+    with held_by_another_thread(lock):
+        run_in_child(use)
+        assert lock.locked()  # the parent's holder still holds it
 
 
 def test_renewal_uses_the_factory_of_each_registration() -> None:
