@@ -23,7 +23,6 @@ from memsess.transport import DEFAULT_STRAGGLER_WINDOW, FirstReply, Result, Serv
 from memsess.transport import fanout as blocking_fanout
 from memsess.transport.aio import AsyncFanout, LoopPools
 
-
 #: ``make test`` sets it to "pure", ``make test-compiled`` to "compiled": the suite then
 #: refuses to run on the other build, so a run can never test what it did not mean to.
 EXPECTED_BUILD_ENV = "MEMSESS_EXPECT_BUILD"
@@ -50,6 +49,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             " run scripts/build-compiled again, or scripts/build-compiled --clean",
             returncode=3,
         )
+
 
 # Short enough that a hung server is noticed quickly in tests, long enough that
 # a loaded 2-core machine never times out a healthy one.
