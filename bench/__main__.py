@@ -25,10 +25,14 @@ pinning never touch the next):
 - ``security``: what TLS, ASCII authentication, sealed records and compression
   cost per load and save, beside plain TCP and pymemcache over TLS, and what a
   new connection costs with a full and a resumed TLS handshake
-  (bench/security.py).
+  (bench/security.py);
+- ``cpu``: issue 14's table: CPU per operation beside wall time, memsess pure and
+  compiled (built at the start, ~35 s) in worker processes, beside HashClient, the raw
+  two-copy floor, PHP's session handlers, aiomcache and threads, the goals, and where
+  a load's CPU goes (bench/cpu.py).
 
-``--smoke`` runs every part with tiny counts in a few seconds and exits 1 if
-any part fails: for CI, it checks that everything runs, never how fast.
+``--smoke`` runs every part with tiny counts (about a minute, most of it the
+compile of ``cpu``) and exits 1 if any part fails: for CI, it checks that everything runs, never how fast.
 With ``--only PART``, arguments after ``--`` go to that part
 (``python -m bench --only report -- --size 200B``).
 """
@@ -57,6 +61,7 @@ PARTS = (
     "loopstall",
     "concurrency",
     "security",
+    "cpu",
 )
 
 
