@@ -122,10 +122,22 @@ def all_keys(cluster: LocalCluster) -> set[tuple[int, bytes]]:
     return {(server.index, key) for server in cluster.servers for key in cluster.keys(server.index)}
 
 
+#: A CPU burner's code; ``{parent}`` is the pid of the process that starts it.
+BURNER = """
+import os
+while os.getppid() == {parent}:
+    for _ in range(100_000):
+        pass
+"""
+
+
 @contextmanager
 def cpu_burners(count: int) -> Iterator[None]:
-    """``count`` processes spinning on the CPU while the block runs (a busy host)."""
-    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    """``count`` processes spinning on the CPU while the block runs (a busy host). Each
+    also ends within a few ms once the test process is gone (killed, say, where no
+    ``finally`` runs), so none is left spinning behind an interrupted run."""
+    code = BURNER.format(parent=os.getpid())
+    burners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
     try:
         yield
     finally:
