@@ -32,7 +32,8 @@ pinning never touch the next):
   a load's CPU goes (bench/cpu.py).
 
 ``--smoke`` runs every part with tiny counts (about a minute, most of it the
-compile of ``cpu``) and exits 1 if any part fails: for CI, it checks that everything runs, never how fast.
+compile of ``cpu``) and exits 1 if any part fails: for CI, it checks that
+everything runs, never how fast.
 With ``--only PART``, arguments after ``--`` go to that part
 (``python -m bench --only report -- --size 200B``).
 """
