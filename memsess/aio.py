@@ -68,8 +68,7 @@ class AsyncSessionStore(StoreCore):
     async def load(self, sid: str) -> dict[str, Any] | None:
         """The session's data, or None when absent, expired, logged out or not a valid
         id; see :meth:`memsess.SessionStore.load`."""
-        snapshot = await self._arun(self._fetch(sid))
-        return None if snapshot is None else snapshot.data
+        return await self._arun(self._load(sid))
 
     async def fetch(self, sid: str) -> Snapshot | None:
         """Like :meth:`load`, with the version and CAS tokens for a conditional save."""

@@ -47,6 +47,13 @@ class Metrics:
         with self._lock:
             self._values[name] += amount
 
+    def add_both(self, first: str, second: str) -> None:
+        """Add one to each of two counters, under one lock (a load and its hit)."""
+        with self._lock:
+            values = self._values
+            values[first] += 1
+            values[second] += 1
+
     def snapshot(self) -> dict[str, int]:
         """A copy of every counter at this moment."""
         with self._lock:

@@ -49,7 +49,9 @@ _EXPIRED_AT_ONCE: Final = 30 * 24 * 3600 + 1
 
 
 # NamedTuples rather than frozen dataclasses: several are made per request, and a
-# frozen dataclass's __init__ sets each field through object.__setattr__.
+# frozen dataclass's __init__ sets each field through object.__setattr__. On the paths
+# every request takes they are made with tuple.__new__ (_new_tuple), every field given:
+# a NamedTuple's own __new__ is a Python function, a frame of its own.
 
 
 class Step(NamedTuple):
@@ -66,6 +68,8 @@ class Conflict(Exception):  # noqa: N818 - a signal between plans, never seen by
     """Raised by :meth:`Plans.save` with ``conflicts=True``: a copy holds a save made
     since the load. Nothing was written where it was found."""
 
+
+_new_tuple: Final = tuple.__new__
 
 #: A plan: yields the batches to send, receives each batch's results, returns its answer.
 Flow = Generator[Step, list[Result], T]
@@ -137,7 +141,7 @@ class Plans:
         targets = self.targets(key)
         # Built here rather than by protocol.get: the key is storage_key's (prefix and a
         # hex digest) and the marker was checked once, so no check per read.
-        command = Command(b"gets " + key + b"\r\n", _RETRIEVAL)
+        command = _new_tuple(Command, (b"gets " + key + b"\r\n", _RETRIEVAL))
         batch = [(index, command) for index in targets]
         # A server's marker is asked for along with the session once its last reading is
         # MARKER_MAX_AGE old: an extra key costs the server and the parser a little, and
@@ -154,7 +158,7 @@ class Plans:
         rule = ReadRule(
             self.cluster, targets, key, marker_asked=asked, patient=patient, sealer=self.sealer
         )
-        results = yield Step(batch, rule)
+        results = yield _new_tuple(Step, (batch, rule, True, 0.0))
         newest: Record | None = None
         newest_raw = b""
         tokens: dict[int, int | None] = {}
@@ -179,7 +183,7 @@ class Plans:
         self.cluster.clock.observe(newest.version)
         if lagging:
             yield from self._repair(key, newest, newest_raw, targets, rule.copies)
-        return Found(newest, tokens)
+        return _new_tuple(Found, (newest, tokens))
 
     def _note_problems(
         self, key: bytes, targets: list[int], results: list[Result], copies: list[Copy | None]
@@ -302,8 +306,9 @@ class Plans:
             # protocol.set's checks, done once upstream: the key is storage_key's, the
             # exptime the store's (_exptime bounds it), the record under the item size.
             data = b"set %b %d %d %d\r\n%b\r\n" % (key, FLAGS, exptime, len(record), record)
-            command = Command(data, _STORAGE)
-            results = yield Step([(i, command) for i in targets], WriteRule(self.cluster, targets))
+            command = _new_tuple(Command, (data, _STORAGE))
+            batch = [(i, command) for i in targets]
+            results = yield _new_tuple(Step, (batch, WriteRule(self.cluster, targets), True, 0.0))
             self._note_missed(key, targets, results, ok=Status.STORED)
             return self._named(targets, results)
         loaded_version, tokens = since

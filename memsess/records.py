@@ -158,6 +158,9 @@ class Record(NamedTuple):
         return self.kind == TOMBSTONE
 
 
+_new_tuple: Final = tuple.__new__
+
+
 def encode_record(
     version: int,
     kind: int,
@@ -207,7 +210,8 @@ def decode_record(raw: bytes, flags: int, *, now_us: int | None = None) -> Recor
     if zlib.crc32(payload, zlib.crc32(raw[: HEADER_SIZE - 4])) != crc:
         raise ValueError("record checksum mismatch")
     if now_us is None and 0 < version <= _bound[0]:
-        return Record(version, kind, serializer_id, payload, ttl)  # the common case
+        # The common case. tuple.__new__: a NamedTuple's own __new__ is a Python frame.
+        return _new_tuple(Record, (version, kind, serializer_id, payload, ttl, 0))
     _check_version(version, now_us)
     return Record(version, kind, serializer_id, payload, ttl)
 

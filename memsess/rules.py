@@ -17,7 +17,7 @@ from memsess.cluster import Cluster
 from memsess.copies import Copy
 from memsess.errors import MemsessError
 from memsess.protocol import Item, Values
-from memsess.records import decode_record
+from memsess.records import FLAGS, Record, decode_record
 from memsess.sealing import Sealer
 from memsess.transport import Result
 
@@ -28,6 +28,9 @@ _INF: Final = float("inf")
 MARKER_MAX_AGE: Final = 1.0
 # A marker that is not a plain number is read as "trust nothing older than anything".
 _UNTRUSTED: Final = 2**64
+# Copies are made with tuple.__new__: a NamedTuple's own __new__ is a Python frame.
+_new_tuple: Final = tuple.__new__
+_MISSING: Final = Copy(None, b"", None, "", False)
 
 
 class _Rule:
@@ -57,7 +60,7 @@ class ReadRule(_Rule):
     """Reads: conclusive once a trusted copy is in (then the rest get their straggler
     window), else only when every live copy has answered or failed."""
 
-    __slots__ = ("_key", "_marker_asked", "_patient", "_sealer", "copies")
+    __slots__ = ("_key", "_marker_asked", "_opened", "_opened_raw", "_patient", "_sealer", "copies")
 
     def __init__(
         self,
@@ -86,6 +89,10 @@ class ReadRule(_Rule):
         self._patient = patient
         self._sealer = sealer
         self.copies: list[Copy | None] = [None] * count
+        # The last copy opened, and its bytes: a copy that is byte for byte the same (as
+        # every copy of a session in step is) is the same record, not opened again.
+        self._opened_raw = b""
+        self._opened: Record | None = None
 
     def on_result(self, slot: int, result: Result, now: float) -> float:
         self._open[slot] = False
@@ -119,20 +126,27 @@ class ReadRule(_Rule):
         else:  # only the session was asked for: the parser admits no other key
             found = items[0] if items else None
         if found is None:
-            return Copy(None, b"", None, "", False)
+            return _MISSING
         # memsess.copies.open_copy's decode, inlined (one per copy read), then the trust
         # this server's floors give the copy: tests/test_rules.py pins that they agree.
-        sealer = self._sealer
-        try:
-            if sealer is None:
-                record = decode_record(found.value, found.flags)
-            else:  # authenticated before its version counts for anything
-                record = sealer.open_record(found.value, found.flags, self._key)
-        except ValueError as exc:
-            return Copy(None, found.value, found.cas, str(exc) or "unreadable", False)
+        raw = found.value
+        record = self._opened
+        # Decoding is a function of the bytes, the flags and the key (the rule's own):
+        # the same bytes under our FLAGS (the only ones that open) are the same record.
+        if record is None or found.flags != FLAGS or raw != self._opened_raw:
+            sealer = self._sealer
+            try:
+                if sealer is None:
+                    record = decode_record(raw, found.flags)
+                else:  # authenticated before its version counts for anything
+                    record = sealer.open_record(raw, found.flags, self._key)
+            except ValueError as exc:
+                return Copy(None, raw, found.cas, str(exc) or "unreadable", False)
+            self._opened_raw = raw
+            self._opened = record
         version = record.version
         trusted = version >= cluster.trust_floor[server] and version >= cluster.marker_floor[server]
-        return Copy(record, found.value, found.cas, "", trusted)
+        return _new_tuple(Copy, (record, raw, found.cas, "", trusted))
 
 
 class WriteRule(_Rule):

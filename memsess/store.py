@@ -32,7 +32,7 @@ from memsess.errors import (
 )
 from memsess.maintenance import Maintenance
 from memsess.metrics import Metrics
-from memsess.plans import LOCK_SUFFIX, Conflict, Flow, Plans, Step, short
+from memsess.plans import LOCK_SUFFIX, Conflict, Flow, Found, Plans, Step, short
 from memsess.protocol import MAX_KEY_LENGTH, Status
 from memsess.records import (
     DATA,
@@ -440,17 +440,39 @@ class StoreCore:
             key = storage_key(self._prefix, sid)  # memoized: no regex for a known id
         except SessionIdError:
             return None
-        if count:
-            self._metrics.add("loads")
-        found = yield from self._plans.read(key)
+        try:
+            found = yield from self._plans.read(key)
+        except BaseException:
+            if count:  # a load all the same
+                self._metrics.add("loads")
+            raise
+        data = self._data(key, found, count)
+        if found is None or data is None:
+            return None
+        return Snapshot(sid, data, found.record.version, found.tokens, found.record)
+
+    def _load(self, sid: str) -> Flow[dict[str, Any] | None]:
+        """_fetch for load(): the data alone, with no Snapshot to make."""
+        try:
+            key = storage_key(self._prefix, sid)
+        except SessionIdError:
+            return None
+        try:
+            found = yield from self._plans.read(key)
+        except BaseException:
+            self._metrics.add("loads")  # a load all the same
+            raise
+        return self._data(key, found, True)
+
+    def _data(self, key: bytes, found: Found | None, count: bool) -> dict[str, Any] | None:
+        """The session data of what a read found (None: none, a logout, or corrupt);
+        with ``count``, counted as a load and a hit or a miss."""
         data = None
         if found is not None and not found.record.is_tombstone:
             data = self._decode_payload(key, found.record)
         if count:
-            self._metrics.add("hits" if data is not None else "misses")
-        if found is None or data is None:
-            return None
-        return Snapshot(sid, data, found.record.version, found.tokens, found.record)
+            self._metrics.add_both("loads", "hits" if data is not None else "misses")
+        return data
 
     def _save(
         self,
@@ -709,8 +731,7 @@ class SessionStore(StoreCore):
         """The session's data, or None when absent, expired, logged out or not
         a valid id (nothing is sent then). Raises NoServerAvailableError when
         no copy could be read."""
-        snapshot = self._run(self._fetch(sid))
-        return None if snapshot is None else snapshot.data
+        return self._run(self._load(sid))
 
     def fetch(self, sid: str) -> Snapshot | None:
         """Like :meth:`load`, with the version and CAS tokens for a conditional save."""
