@@ -4,12 +4,13 @@ setup.py runs this file (without importing memsess) for COMPILED.
 
 The hot path of a request: wire protocol, the exchange and fan-out of the
 blocking driver, records and copies, health and the cluster, the rules and
-plans. Everything else stays interpreted in both builds: it runs once per
-process or per fault, or leans on what mypyc's classes do not do. The stores
-(store.py, aio.py) are public classes that users and the adapters subclass,
-wrap and weakly reference, and they check their options with their own
-messages, which mypyc's argument checks would pre-empt; transport/pool.py's
-connections are weakly referenced.
+plans, and a store's operations with their blocking driver (memsess.operations).
+Everything else stays interpreted in both builds: it runs once per process or
+per fault, or leans on what mypyc's classes do not do. The stores (store.py,
+aio.py) are public classes that users and the adapters subclass, wrap and
+weakly reference, and they check their options with their own messages, which
+mypyc's argument checks would pre-empt; a Snapshot (snapshots.py) is the
+application's to keep and copy; transport/pool.py's pools are weakly referenced.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ COMPILED = (
     "memsess.cluster",
     "memsess.rules",
     "memsess.plans",
+    "memsess.operations",
 )
 
 

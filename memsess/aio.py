@@ -68,11 +68,11 @@ class AsyncSessionStore(StoreCore):
     async def load(self, sid: str) -> dict[str, Any] | None:
         """The session's data, or None when absent, expired, logged out or not a valid
         id; see :meth:`memsess.SessionStore.load`."""
-        return await self._arun(self._load(sid))
+        return await self._arun(self._ops.load(sid))
 
     async def fetch(self, sid: str) -> Snapshot | None:
         """Like :meth:`load`, with the version and CAS tokens for a conditional save."""
-        return await self._arun(self._fetch(sid))
+        return await self._arun(self._ops.fetch(sid))
 
     async def save(
         self,
@@ -84,15 +84,15 @@ class AsyncSessionStore(StoreCore):
         on_conflict: str = "error",
     ) -> None:
         """Store ``data`` on every live copy; see :meth:`memsess.SessionStore.save`."""
-        await self._arun(self._save(sid, data, ttl, snapshot, on_conflict))
+        await self._arun(self._ops.save(sid, data, ttl, snapshot, on_conflict))
 
     async def touch(self, sid: str, *, ttl: float | None = None) -> bool:
         """Extend the lifetime of every copy; see :meth:`memsess.SessionStore.touch`."""
-        return await self._arun(self._touch(sid, ttl))
+        return await self._arun(self._ops.touch(sid, ttl))
 
     async def delete(self, sid: str) -> None:
         """Log out; see :meth:`memsess.SessionStore.delete`."""
-        await self._arun(self._delete(sid))
+        await self._arun(self._ops.delete(sid))
 
     async def regenerate(
         self,

@@ -9,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final, NamedTuple, NoReturn, TypeAlias
 
+from memsess._chaining import caused_by
 from memsess.errors import ConnectionClosedError, InvalidKeyError, ProtocolError, ServerError
 
 # fmt: off
@@ -413,7 +414,9 @@ class ClientProtocol:
 
     def _raise_dead(self) -> NoReturn:
         error = self._error
-        raise ProtocolError(f"connection unusable since a protocol error: {error}") from error
+        raise caused_by(
+            ProtocolError(f"connection unusable since a protocol error: {error}"), error
+        )
 
     def _read_line_reply(self, kind: ReplyKind) -> Reply | NeedData:
         try:

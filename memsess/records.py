@@ -33,6 +33,7 @@ from functools import lru_cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Final, NamedTuple
 
+from memsess._chaining import caused_by
 from memsess._forksafe import fork_safe_lock
 from memsess.errors import SessionIdError
 
@@ -330,7 +331,7 @@ def _inflate(data: bytes, max_size: int) -> bytes:
                 if inflater.eof or not (pending or len(chunk) == _INFLATE_STEP):
                     break
     except zlib.error as exc:
-        raise ValueError(f"corrupt zlib stream: {exc}") from None
+        raise caused_by(ValueError(f"corrupt zlib stream: {exc}"), None)  # noqa: B904 - see memsess._chaining
     if not inflater.eof or inflater.unused_data or end < len(data):
         raise ValueError("corrupt zlib stream: truncated, or bytes after its end")
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -353,7 +354,8 @@ def _unzstd(data: bytes, max_size: int) -> bytes:
             data, max_output_size=max_size, allow_extra_data=False
         )
     except module.ZstdError as exc:
-        raise ValueError(f"corrupt zstd frame, or one past {max_size} bytes: {exc}") from None
+        message = f"corrupt zstd frame, or one past {max_size} bytes: {exc}"
+        raise caused_by(ValueError(message), None)  # noqa: B904 - see memsess._chaining
 
 
 @lru_cache(maxsize=1)

@@ -13,47 +13,33 @@ import secrets
 import ssl
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from types import TracebackType
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
 
-from memsess import protocol
 from memsess.cluster import Cluster, ServerStatus, check_straggler_window
 from memsess.dsn import ServerSpec, parse_dsn, with_defaults
 from memsess.errors import (
-    MemsessError,
-    ServerError,
-    SessionConflictError,
     SessionGoneError,
-    SessionIdError,
     SessionLockError,
-    SessionTooLargeError,
-    WriteError,
 )
 from memsess.maintenance import Maintenance
 from memsess.metrics import Metrics
-from memsess.plans import LOCK_SUFFIX, Conflict, Flow, Found, Plans, Step, short
-from memsess.protocol import MAX_KEY_LENGTH, Status
+from memsess.operations import ON_CONFLICT, Operations, exptime_of
+from memsess.plans import LOCK_SUFFIX, Flow, Plans, Step
+from memsess.protocol import MAX_KEY_LENGTH
 from memsess.records import (
-    DATA,
     DEFAULT_MAX_SESSION_SIZE,
-    FLAGS,
-    TOMBSTONE,
-    Record,
     VersionClock,
     codec_id,
-    compress,
-    encode_record,
-    is_valid_id,
     lifetime_seconds,
     new_id,
-    plain_payload,
     storage_key,
 )
 from memsess.rules import AllAnswers
 from memsess.sealing import Sealer
-from memsess.serializers import SERIALIZERS, Serializer, get_serializer
-from memsess.transport import Result
+from memsess.serializers import Serializer, get_serializer
+from memsess.snapshots import Changes, Snapshot, check_snapshot
 
 __all__ = [
     "DEFAULT_LOCK_LEASE",
@@ -79,17 +65,6 @@ DEFAULT_MAX_ITEM_SIZE: Final = 1024 * 1024  # memcached's default -I (1 MiB)
 # bytes" and "...cannot be larger than 1GB").
 _MIN_ITEM_SIZE: Final = 1024
 _MAX_ITEM_SIZE: Final = 1024 * 1024 * 1024
-# memcached refuses an exptime over 30 days as relative: it reads it as a Unix time.
-_MAX_RELATIVE_EXPTIME: Final = 30 * 24 * 3600
-# memcached 1.6 keeps times in 32 bits (protocol._MAX_EXPTIME).
-_MAX_EXPTIME: Final = 2**31 - 1
-#: What a conditional save does when the session was saved elsewhere since its load.
-ON_CONFLICT: Final = ("error", "merge", "overwrite")
-_MERGE_ROUNDS: Final = 16  # merges of one save against writers that keep winning the race
-# Seconds: the pause before a merge's retry is random, up to this doubled each round
-# (capped at _MERGE_JITTER_CAP): writers that met spread out instead of meeting again.
-_MERGE_JITTER: Final = 0.001
-_MERGE_JITTER_CAP: Final = 0.05
 #: A session lock's lease (seconds): it ends by itself if its holder never releases it.
 DEFAULT_LOCK_LEASE: Final = 10.0
 #: How long (seconds) a request waits for a session's lock before SessionLockError.
@@ -104,56 +79,6 @@ MAX_KEY_PREFIX: Final = MAX_KEY_LENGTH - len(storage_key(b"", new_id())) - len(L
 
 T = TypeVar("T")
 S = TypeVar("S", bound="StoreCore")
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """A session as loaded: its data, its version, and the CAS token of the
-    copy read from each server (None where the server had no copy). Passing it
-    back to :meth:`SessionStore.save` makes the save conditional: a logout made
-    elsewhere since the load wins."""
-
-    sid: str
-    data: dict[str, Any]
-    version: int
-    tokens: Mapping[int, int | None]
-    #: The record as read: what a merge diffs the saved data against.
-    record: Record | None = field(default=None, repr=False, compare=False)
-
-
-class Changes(NamedTuple):
-    """What one request did to a session: the keys it set (to a new value, nested
-    changes included) and the keys it deleted, with what each held when loaded."""
-
-    set: dict[str, Any]
-    deleted: frozenset[str]
-    before: dict[str, Any]  # the loaded value of each key set or deleted (absent: new)
-
-    @classmethod
-    def between(cls, loaded: Mapping[str, Any], saved: Mapping[str, Any]) -> Changes:
-        changed = {k: v for k, v in saved.items() if k not in loaded or loaded[k] != v}
-        deleted = frozenset(k for k in loaded if k not in saved)
-        before = {k: loaded[k] for k in (*changed, *deleted) if k in loaded}
-        return cls(changed, deleted, before)
-
-    def applied_to(self, current: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
-        """``current`` with these changes on top, and how many of the keys they set the
-        other save had changed too, to another value (this save, the later one, wins
-        for those)."""
-        merged = dict(current)
-        before = self.before
-        overwritten = 0
-        for k, v in self.set.items():
-            theirs = merged.get(k, _ABSENT)
-            if theirs != before.get(k, _ABSENT) and theirs != v:
-                overwritten += 1
-            merged[k] = v
-        for k in self.deleted:
-            merged.pop(k, None)
-        return merged, overwritten
-
-
-_ABSENT: Final = object()
 
 
 class SessionLock:
@@ -182,15 +107,6 @@ class SessionLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _check_snapshot(snapshot: Snapshot | None, sid: str) -> None:
-    """ValueError unless ``snapshot`` (if any) was loaded for session ``sid``."""
-    if snapshot is not None and snapshot.sid != sid:
-        # Not the sid itself: ids are secrets, and this ends up in logs.
-        raise ValueError(
-            "snapshot is of another session: pass the snapshot fetch() gave for this sid"
-        )
 
 
 def _with_credentials(
@@ -373,9 +289,24 @@ class StoreCore:
             missed=lambda key, servers: self._maintenance.hint(key, servers),  # noqa: PLW0108
             degraded=lambda: self._maintenance.wake(),  # noqa: PLW0108
         )
+        self._ops = Operations(
+            cluster=self._cluster,
+            plans=self._plans,
+            metrics=self._metrics,
+            clock=self._clock,
+            serializer=self.serializer,
+            prefix=self._prefix,
+            ttl=self.ttl,
+            sealer=self._sealer,
+            compress_threshold=self.compress_threshold,
+            codec=self._codec,
+            max_session_size=self.max_session_size,
+            max_item_size=self.max_item_size,
+            max_value_size=self.max_value_size,
+        )
         # Probes and repairs run on a thread of their own with the blocking driver,
         # whichever driver the requests use: no request ever waits for them.
-        self._maintenance = Maintenance(self._cluster, self._plans, self._run)
+        self._maintenance = Maintenance(self._cluster, self._plans, self._ops.run)
         self._cluster.on_down = self._maintenance.wake
         if self._cluster.next_probe_at() is not None:  # a host that did not resolve
             self._maintenance.wake()
@@ -433,46 +364,13 @@ class StoreCore:
         failure, seconds until a down server is probed again."""
         return self._cluster.status()
 
-    # -- the operations, as plans any driver runs ------------------------------------
+    # -- the operations, as plans any driver runs (memsess.operations) ---------------
 
     def _fetch(self, sid: str, *, count: bool = True) -> Flow[Snapshot | None]:
-        try:
-            key = storage_key(self._prefix, sid)  # memoized: no regex for a known id
-        except SessionIdError:
-            return None
-        try:
-            found = yield from self._plans.read(key)
-        except BaseException:
-            if count:  # a load all the same
-                self._metrics.add("loads")
-            raise
-        data = self._data(key, found, count)
-        if found is None or data is None:
-            return None
-        return Snapshot(sid, data, found.record.version, found.tokens, found.record)
+        return self._ops.fetch(sid, count)
 
     def _load(self, sid: str) -> Flow[dict[str, Any] | None]:
-        """_fetch for load(): the data alone, with no Snapshot to make."""
-        try:
-            key = storage_key(self._prefix, sid)
-        except SessionIdError:
-            return None
-        try:
-            found = yield from self._plans.read(key)
-        except BaseException:
-            self._metrics.add("loads")  # a load all the same
-            raise
-        return self._data(key, found, True)
-
-    def _data(self, key: bytes, found: Found | None, count: bool) -> dict[str, Any] | None:
-        """The session data of what a read found (None: none, a logout, or corrupt);
-        with ``count``, counted as a load and a hit or a miss."""
-        data = None
-        if found is not None and not found.record.is_tombstone:
-            data = self._decode_payload(key, found.record)
-        if count:
-            self._metrics.add_both("loads", "hits" if data is not None else "misses")
-        return data
+        return self._ops.load(sid)
 
     def _save(
         self,
@@ -482,108 +380,13 @@ class StoreCore:
         snapshot: Snapshot | None,
         on_conflict: str = "error",
     ) -> Flow[None]:
-        key = storage_key(self._prefix, sid)  # SessionIdError before anything is done
-        if on_conflict not in ON_CONFLICT:
-            raise ValueError(
-                f"on_conflict must be one of {', '.join(ON_CONFLICT)}: {on_conflict!r}"
-            )
-        _check_snapshot(snapshot, sid)
-        seconds = self.ttl if ttl is None else lifetime_seconds(ttl)
-        exptime = self._exptime(seconds)
-        self._metrics.add("saves")
-        changes: Changes | None = None
-        for round_ in range(_MERGE_ROUNDS):
-            version, record = self._encode(key, data, seconds)
-            since = None if snapshot is None else (snapshot.version, dict(snapshot.tokens))
-            try:
-                results = yield from self._plans.save(
-                    key, record, version, exptime, since=since, conflicts=on_conflict != "overwrite"
-                )
-            except Conflict:
-                # Plans.save raises Conflict only given `since`, which is made of the snapshot.
-                assert snapshot is not None  # noqa: S101 - invariant, for the type checker
-                self._metrics.add("conflicts")
-                current = yield from self._fetch(sid, count=False)
-                if current is None:
-                    raise SessionGoneError(
-                        "the session was logged out since it was loaded; not saved"
-                    ) from None
-                if on_conflict == "error":
-                    raise SessionConflictError(
-                        "the session was saved elsewhere since it was loaded; not saved",
-                        current,
-                    ) from None
-                if changes is None:  # what this save changed, against what it loaded
-                    changes = Changes.between(self._loaded_data(key, snapshot), data)
-                data, overwritten = changes.applied_to(current.data)
-                if overwritten:
-                    self._metrics.add("merge_overwrites", overwritten)
-                snapshot = current
-                # Jitter: writers that met in this round spread out before the next.
-                pause = random.uniform(0, min(_MERGE_JITTER_CAP, _MERGE_JITTER * 2**round_))
-                yield Step([], AllAnswers(self._cluster, []), False, pause)
-                continue
-            self._require_stored(results, "save", len(record))
-            return
-        raise SessionConflictError(
-            f"the session kept being saved elsewhere: {_MERGE_ROUNDS} merges lost the race",
-            snapshot,
-        )
-
-    def _encode(self, key: bytes, data: Mapping[str, Any], seconds: int) -> tuple[int, bytes]:
-        """A new version and the record of ``data`` under it, to be stored under ``key``
-        (compressed and sealed as the store's options say)."""
-        payload = self.serializer.dumps(data)
-        if len(payload) > self.max_session_size:
-            raise SessionTooLargeError(
-                f"session data is {len(payload)} bytes serialized, over max_session_size"
-                f" ({self.max_session_size} bytes); nothing was stored"
-            )
-        codec = 0
-        threshold = self.compress_threshold
-        if threshold is not None and len(payload) > threshold:
-            packed = compress(payload, self._codec)
-            if len(packed) < len(payload):  # else kept as it is: as small, and faster to read
-                payload, codec = packed, self._codec
-        version = self._clock.tick()
-        record = encode_record(version, DATA, self.serializer.id, payload, ttl=seconds, codec=codec)
-        if self._sealer is not None:
-            record = self._sealer.seal(key, record)
-        if len(record) > self.max_value_size:
-            raise SessionTooLargeError(
-                f"session data is {len(record)} bytes serialized, over the servers' item size"
-                f" ({self.max_value_size} bytes usable); nothing was stored"
-            )
-        return version, record
-
-    def _loaded_data(self, key: bytes, snapshot: Snapshot) -> dict[str, Any]:
-        """The session as ``snapshot`` was loaded, decoded afresh from its record: the
-        caller may have changed the snapshot's data in place (nested values too)."""
-        record = snapshot.record
-        if record is None:  # a snapshot made by hand: its data is all there is
-            return dict(snapshot.data)
-        loaded = self._decode_payload(key, record)
-        return {} if loaded is None else loaded
+        return self._ops.save(sid, data, ttl, snapshot, on_conflict)
 
     def _touch(self, sid: str, ttl: float | None) -> Flow[bool]:
-        if not is_valid_id(sid):
-            return False
-        key = storage_key(self._prefix, sid)
-        exptime = self._exptime(None if ttl is None else lifetime_seconds(ttl))
-        self._metrics.add("touches")
-        return (yield from self._plans.touch(key, exptime))
+        return self._ops.touch(sid, ttl)
 
     def _delete(self, sid: str) -> Flow[None]:
-        if not is_valid_id(sid):
-            return
-        key = storage_key(self._prefix, sid)
-        tombstone = encode_record(self._clock.tick(), TOMBSTONE, self.serializer.id, ttl=self.ttl)
-        if self._sealer is not None:  # else anyone could forge the logout's version
-            tombstone = self._sealer.seal(key, tombstone)
-        command = protocol.set(key, tombstone, flags=FLAGS, exptime=self._exptime(None))
-        self._metrics.add("deletes")
-        results = yield from self._plans.write(key, command)
-        self._require_stored(results, "delete", len(tombstone))
+        return self._ops.delete(sid)
 
     def _regenerate(
         self,
@@ -592,7 +395,7 @@ class StoreCore:
         ttl: float | None,
         snapshot: Snapshot | None,
     ) -> Flow[str]:
-        _check_snapshot(snapshot, sid)
+        check_snapshot(snapshot, sid)
         if snapshot is not None and (yield from self._fetch(sid)) is None:
             raise SessionGoneError("the session was logged out since it was loaded")
         if data is None:
@@ -625,96 +428,13 @@ class StoreCore:
     def _unlock(self, sid: str, token: bytes) -> Flow[None]:
         yield from self._plans.release(storage_key(self._prefix, sid), token)
 
-    # -- the blocking driver ------------------------------------------------------------
-
     def _run(self, flow: Flow[T]) -> T:
-        """Run each step of a plan through the cluster's fan-out, in this thread (the
-        requests of a SessionStore, and every store's background thread)."""
-        execute = self._cluster.execute
-        try:
-            step = next(flow)
-            while True:
-                if step.pause:
-                    time.sleep(step.pause)
-                step = flow.send(execute(step.batch, step.rule, step.record))
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-
-    # -- helpers ----------------------------------------------------------------------
-
-    def _require_stored(self, results: list[Result], operation: str, size: int) -> None:
-        """Raise WriteError when no copy was stored (of ``size`` bytes), its cause the
-        first server's error; count (and log what is new about) a write that reached
-        fewer copies than the redundancy. Each server's error names the server."""
-        stored = 0
-        for result in results:
-            if result is Status.STORED:
-                stored += 1
-        if not stored:
-            error = WriteError(
-                f"{operation}: no copy could be stored: "
-                + "; ".join(str(result) for result in results)
-                + self._item_size_hint(results, size)
-            )
-            raise error from next((r for r in results if isinstance(r, MemsessError)), None)
-        if stored < self._cluster.redundancy:
-            self._metrics.add("partial_writes")
-            failed = [str(result) for result in results if result is not Status.STORED]
-            # A server skipped as down was logged once, when it was marked down;
-            # only a copy that was asked and failed is news.
-            if failed:
-                log.info(
-                    "%s reached %d of %d copies: %s (repaired in the background when it answers)%s",
-                    operation,
-                    stored,
-                    self._cluster.redundancy,
-                    "; ".join(failed),
-                    self._item_size_hint(results, size),
-                )
-
-    def _item_size_hint(self, results: list[Result], size: int) -> str:
-        """What to do when a server refused the record as too large for its items: the
-        store's max_item_size is over that server's -I, so the size check that refuses
-        such a session before sending anything let it through."""
-        if not any(
-            isinstance(result, ServerError) and "too large" in result.message for result in results
-        ):
-            return ""
-        return (
-            f"; the record is {size} bytes, over those servers' item size (memcached -I),"
-            f" while max_item_size is {self.max_item_size} bytes: set max_item_size to the"
-            " servers' -I (so that a session too large raises SessionTooLargeError before"
-            " anything is sent), or start memcached with a larger -I"
-        )
-
-    def _decode_payload(self, key: bytes, record: Record) -> dict[str, Any] | None:
-        serializer = SERIALIZERS.get(record.serializer_id)
-        if serializer is None and record.serializer_id == self.serializer.id:
-            serializer = self.serializer
-        try:
-            if serializer is None:
-                raise ValueError(f"unknown serializer id {record.serializer_id}")
-            payload = record.payload
-            if record.codec:  # bounded by max_session_size: a bomb reads as no session
-                payload = plain_payload(record, max_size=self.max_session_size)
-            return serializer.loads(payload)
-        except ValueError as exc:
-            self._metrics.add("corrupt_records")
-            log.warning("undecodable session data for %s, read as no session: %s", short(key), exc)
-            return None
+        """Run a plan with the blocking driver, in this thread (memsess.operations)."""
+        return self._ops.run(flow)
 
     def _exptime(self, seconds: int | None) -> int:
         """memcached's exptime for a lifetime of whole ``seconds`` (default: the ttl)."""
-        if seconds is None:
-            seconds = self.ttl
-        if seconds <= _MAX_RELATIVE_EXPTIME:
-            return seconds
-        exptime = int(time.time()) + seconds
-        if exptime > _MAX_EXPTIME:
-            raise ValueError(
-                f"a lifetime of {seconds} s ends past 2038, which memcached cannot store"
-            )
-        return exptime
+        return exptime_of(self.ttl if seconds is None else seconds)
 
 
 class SessionStore(StoreCore):
@@ -731,11 +451,13 @@ class SessionStore(StoreCore):
         """The session's data, or None when absent, expired, logged out or not
         a valid id (nothing is sent then). Raises NoServerAvailableError when
         no copy could be read."""
-        return self._run(self._load(sid))
+        ops = self._ops
+        return ops.run(ops.load(sid))
 
     def fetch(self, sid: str) -> Snapshot | None:
         """Like :meth:`load`, with the version and CAS tokens for a conditional save."""
-        return self._run(self._fetch(sid))
+        ops = self._ops
+        return ops.run(ops.fetch(sid))
 
     def save(
         self,
@@ -761,7 +483,8 @@ class SessionStore(StoreCore):
         SessionTooLargeError for data over the item size and ValueError for a
         snapshot of another session (nothing is sent in each case), WriteError when
         no copy could be stored (each server's error named in it)."""
-        self._run(self._save(sid, data, ttl, snapshot, on_conflict))
+        ops = self._ops
+        ops.run(ops.save(sid, data, ttl, snapshot, on_conflict))
 
     def touch(self, sid: str, *, ttl: float | None = None) -> bool:
         """Extend the lifetime of every copy to ``ttl`` seconds (default: the
@@ -769,13 +492,15 @@ class SessionStore(StoreCore):
         session was logged out (as :meth:`load` would say) or the id is malformed.
         Each copy comes back with its touch (memcached's ``gat``), so a touch costs
         the session's bytes once more, in the same single round trip."""
-        return self._run(self._touch(sid, ttl))
+        ops = self._ops
+        return ops.run(ops.touch(sid, ttl))
 
     def delete(self, sid: str) -> None:
         """Log out: write a tombstone, newer than every copy, to every live copy,
         so a copy that missed the logout loses to it when its server returns. The
         tombstone lives as long as a session of the store's ttl."""
-        self._run(self._delete(sid))
+        ops = self._ops
+        ops.run(ops.delete(sid))
 
     def regenerate(
         self,

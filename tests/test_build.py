@@ -6,6 +6,7 @@ pure install from the sdist and checks each says so."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 import memsess
 from memsess._build import COMPILED, compiled_modules, describe
+from memsess._chaining import caused_by
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,3 +78,29 @@ def test_a_wheel_without_compiling_is_pure_and_whole(tmp_path: Path, switch: str
     for module in COMPILED:
         assert f"{module.replace('.', '/')}.py" in names
     assert not [name for name in names if name.endswith((".so", ".pyd", ".c"))]
+
+
+def test_no_compiled_module_raises_from_which_mypyc_would_drop() -> None:
+    # mypyc compiles ``raise X from Y`` as ``raise X``: the compiled modules set causes
+    # with memsess._chaining.caused_by, which both builds honour.
+    found = []
+    for module in COMPILED:
+        source = ROOT / Path(*module.split(".")).with_suffix(".py")
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and node.cause is not None:
+                found.append(f"{source.relative_to(ROOT)}:{node.lineno}")
+    assert found == [], "use raise caused_by(error, cause) in a compiled module"
+
+
+@pytest.mark.parametrize("cause", [KeyError("k"), None], ids=["cause", "from-None"])
+def test_caused_by_sets_what_raise_from_sets(cause: BaseException | None) -> None:
+    def fail_while_handling() -> None:
+        try:
+            raise ValueError("the context")
+        except ValueError:
+            raise caused_by(RuntimeError("x"), cause)  # noqa: B904 - what is tested
+
+    with pytest.raises(RuntimeError) as raised:
+        fail_while_handling()
+    assert raised.value.__cause__ is cause
+    assert raised.value.__suppress_context__ is True

@@ -21,6 +21,7 @@ import os
 import ssl
 from typing import Final, Protocol, TypeAlias
 
+from memsess._chaining import caused_by
 from memsess.dsn import ServerSpec
 from memsess.errors import (
     AuthenticationError,
@@ -195,7 +196,7 @@ class Exchange:
                 self.out = tls.start()
             except (ssl.SSLError, ssl.CertificateError) as exc:  # a context that cannot start
                 self.out = b""
-                raise self._tls_error(exc) from exc
+                raise caused_by(self._tls_error(exc), exc)  # noqa: B904 - see memsess._chaining
         return self.out
 
     def sent(self, count: int) -> None:
