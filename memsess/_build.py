@@ -2,15 +2,15 @@
 
 setup.py runs this file (without importing memsess) for COMPILED.
 
-The hot path of a request: wire protocol, the exchange and fan-out of the
-blocking driver, records and copies, health and the cluster, the rules and
-plans, and a store's operations with their blocking driver (memsess.operations).
-Everything else stays interpreted in both builds: it runs once per process or
-per fault, or leans on what mypyc's classes do not do. The stores (store.py,
-aio.py) are public classes that users and the adapters subclass, wrap and
-weakly reference, and they check their options with their own messages, which
-mypyc's argument checks would pre-empt; a Snapshot (snapshots.py) is the
-application's to keep and copy; transport/pool.py's pools are weakly referenced.
+The hot path of a request: wire protocol, the exchange, fan-out and connection
+pools of the blocking driver, records and copies, health and the cluster, the
+rules and plans, and a store's operations with their blocking driver
+(memsess.operations). Everything else stays interpreted in both builds: it
+runs once per process or per fault, or leans on what mypyc's classes do not
+do. The stores (store.py, aio.py) are public classes that users and the
+adapters subclass, wrap and weakly reference, and they check their options
+with their own messages, which mypyc's argument checks would pre-empt; a
+Snapshot (snapshots.py) is the application's to keep and copy.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ COMPILED = (
     "memsess.protocol",
     "memsess.transport.exchange",
     "memsess.transport.fanout",
+    "memsess.transport.pool",
     "memsess.records",
     "memsess.copies",
     "memsess.health",

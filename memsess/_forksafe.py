@@ -1,5 +1,7 @@
 """Fresh locks in a forked child: only the forking thread survives a fork, so a lock
-another thread held at that moment would stay held, and hang the child, forever."""
+another thread held at that moment would stay held, and hang the child, forever. And
+what else a child must do before it runs (drop its parent's sockets, say): once its
+locks are free."""
 
 from __future__ import annotations
 
@@ -7,8 +9,11 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any, TypeVar
 
-__all__ = ["fork_safe_lock", "renew_locks_after_fork"]
+__all__ = ["call_after_fork", "fork_safe_lock", "renew_locks_after_fork"]
+
+_T = TypeVar("_T")
 
 _Factory = Callable[[], object]
 # (id(owner), attribute name) -> (weak reference to owner, lock factory). Keyed by id,
@@ -49,16 +54,43 @@ def fork_safe_lock() -> threading.Lock:
     return lock
 
 
+# (id(owner), action) -> weak reference to owner; as _RENEWALS.
+_CALLS: dict[tuple[int, Callable[[Any], None]], weakref.ref[Any]] = {}
+
+
+def call_after_fork(owner: _T, action: Callable[[_T], None]) -> None:
+    """In every child forked from now on, call ``action(owner)`` before the child runs,
+    after the locks above are free, for as long as ``owner`` lives.
+
+    ``owner`` must support weak references: an object of a class mypyc compiled does
+    not, so such an object registers something it owns instead (the deque of its idle
+    connections, say). Registering does not keep ``owner`` alive; ``action`` must not
+    either (a module-level function, not a bound method of it). Called once per owner
+    and action, however often registered."""
+    entry = (id(owner), action)
+
+    def forget(_: weakref.ref[Any], entry: tuple[int, Callable[[Any], None]] = entry) -> None:
+        _CALLS.pop(entry, None)
+
+    _CALLS[entry] = weakref.ref(owner, forget)
+
+
 def _after_fork_in_child() -> None:
-    # The child runs only this thread: no lock is needed to walk the tables. A plain
-    # Lock may be released by any thread, and no thread in the child holds one.
+    # The child runs only this thread: no lock is needed to walk the tables (copied
+    # whole first: a collection while walking one could fire a callback that drops an
+    # entry). A plain Lock may be released by any thread, and no thread in the child
+    # holds one.
     for lock in list(_LOCKS):
         if lock.locked():
             lock.release()
-    for (_, name), (ref, factory) in list(_RENEWALS.items()):
+    for (_, name), (ref, factory) in _RENEWALS.copy().items():
         owner = ref()
         if owner is not None:
             setattr(owner, name, factory())
+    for (_, action), called in _CALLS.copy().items():
+        owner = called()
+        if owner is not None:
+            action(owner)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -14,9 +14,21 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import pytest
 
-from memsess._forksafe import _LOCKS, _RENEWALS, fork_safe_lock, renew_locks_after_fork
+from memsess._forksafe import (
+    _CALLS,
+    _LOCKS,
+    _RENEWALS,
+    call_after_fork,
+    fork_safe_lock,
+    renew_locks_after_fork,
+)
+from memsess.dsn import ServerSpec
 from memsess.metrics import Metrics
+from memsess.protocol import Values, get
 from memsess.records import DATA, FLAGS, VersionClock, decode_record, encode_record
+from memsess.testing import LocalCluster
+from memsess.transport import ServerPool, fanout
+from memsess.transport.pool import close_all
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -189,3 +201,70 @@ def test_a_child_forked_after_the_async_store_was_used_opens_its_own_connections
         finally:
             loop.run_until_complete(store.aclose())
             loop.close()
+
+
+def test_a_call_after_fork_runs_in_the_child_once_its_locks_are_free() -> None:
+    class Owner:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.calls = 0
+            renew_locks_after_fork(self, "lock")
+
+    def take_the_lock(owner: Owner) -> None:
+        with owner.lock:  # renewed already: free in the child
+            owner.calls += 1
+
+    owner = Owner()
+    call_after_fork(owner, take_the_lock)
+    call_after_fork(owner, take_the_lock)  # registered twice: called once
+
+    def use() -> None:
+        assert owner.calls == 1
+
+    with held_by_another_thread(owner.lock):
+        run_in_child(use)
+    assert owner.calls == 0  # only in the child
+
+
+def test_a_call_after_fork_does_not_keep_its_owner_alive() -> None:
+    class Owner:
+        pass
+
+    owner = Owner()
+    call_after_fork(owner, print)
+    entry = (id(owner), print)
+    assert entry in _CALLS
+    del owner
+    gc.collect()
+    assert entry not in _CALLS
+
+
+def test_a_child_closes_its_copies_of_a_stream_pools_idle_connections() -> None:
+    with LocalCluster(1) as cluster:
+        server = cluster.servers[0]
+        pool = ServerPool(ServerSpec("tcp", server.host, server.port, timeout=2.0))
+        try:
+            assert fanout([pool], [get(b"k")]) == [Values(())]
+            idle = list(pool._idle)
+            assert idle  # pooled, left idle
+
+            def use() -> None:
+                assert not pool._idle  # none of the parent's connections...
+                assert all(conn.sock.fileno() == -1 for conn in idle)  # ...closed here
+                assert fanout([pool], [get(b"k")]) == [Values(())]  # a new one works
+
+            run_in_child(use)
+            assert list(pool._idle) == idle  # the parent's are untouched, and still work
+            assert fanout([pool], [get(b"k")]) == [Values(())]
+            assert list(pool._idle) == idle
+        finally:
+            pool.clear()
+
+
+def test_a_stream_pool_is_not_kept_alive_by_its_fork_registration() -> None:
+    pool = ServerPool(ServerSpec("tcp", "127.0.0.1", 1))
+    entry = (id(pool._idle), close_all)
+    assert entry in _CALLS
+    del pool
+    gc.collect()
+    assert entry not in _CALLS

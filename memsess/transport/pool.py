@@ -7,17 +7,25 @@ used for one exchange, and pushed back only when no reply is outstanding.
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import weakref
 from collections import deque
-from typing import Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
+from memsess._chaining import caused_by
+from memsess._forksafe import call_after_fork
 from memsess.dsn import ServerSpec
 from memsess.errors import ConnectError
 from memsess.protocol import DEFAULT_MAX_VALUE_SIZE, ClientProtocol
 from memsess.transport.exchange import connect_error
 from memsess.transport.tls import TlsClient, TlsLink
+
+try:  # installed with mypy; mypyc reads the decorator off the source, never calls it
+    from mypy_extensions import mypyc_attr
+except ImportError:  # not a dependency of memsess: the pure build applies a no-op
+
+    def mypyc_attr(*_: object, **__: object) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
+
 
 __all__ = [
     "DEFAULT_MAX_IDLE",
@@ -36,6 +44,7 @@ DEFAULT_MAX_IDLE: Final = 32
 _IN_PROGRESS: Final = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY})
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # udp.UdpConnection
 class Connection:
     """One socket with its protocol state: the reply parser (refusing a value over
     ``max_value_size`` bytes before buffering it), the TLS state of a tls:// server, and
@@ -73,7 +82,6 @@ class ServerPool:
     never sits in a request, in any driver."""
 
     __slots__ = (
-        "__weakref__",
         "_idle",
         "address",
         "family",
@@ -106,7 +114,11 @@ class ServerPool:
         self.address: str | tuple[str, int] | None = None
         self.unresolved: ConnectError | None = None
         self.resolve()
-        reset_after_fork(self)
+        # A forked child must not share sockets with its parent (a reply meant for one
+        # could be read by the other): it closes its copies of the idle ones (that sends
+        # nothing: the parent still holds them open). The deque is registered, not the
+        # pool: the compiled build's pools do not take weak references.
+        call_after_fork(self._idle, close_all)
 
     def resolve(self) -> ConnectError | None:
         """Look the server's host up if that has not succeeded yet (a blocking DNS
@@ -174,12 +186,6 @@ class ServerPool:
         """Close every idle connection."""
         close_all(self._idle)
 
-    def _forget_after_fork(self) -> None:
-        # A forked child must not share sockets with its parent (a reply meant
-        # for one could be read by the other). Closing the child's copy of a
-        # descriptor sends nothing: the parent still holds the socket open.
-        self.clear()
-
 
 _Conn = TypeVar("_Conn", bound="Connection")
 
@@ -212,7 +218,8 @@ def resolve(
     try:
         infos = socket.getaddrinfo(spec.host, port, type=kind)
     except socket.gaierror as exc:
-        raise ConnectError(f"memcached {spec.name}: cannot resolve host: {exc}") from exc
+        error = ConnectError(f"memcached {spec.name}: cannot resolve host: {exc}")
+        raise caused_by(error, exc)  # noqa: B904 - see memsess._chaining
     family, _, _, _, sockaddr = infos[0]
     return family, (str(sockaddr[0]), int(sockaddr[1]))
 
@@ -221,18 +228,12 @@ class _ForkAware(Protocol):
     def _forget_after_fork(self) -> None: ...
 
 
-_FORK_AWARE: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
+def reset_after_fork(owner: _ForkAware) -> None:
+    """Have ``owner._forget_after_fork()`` called in every forked child (once its locks
+    are free), so a child never shares a socket with its parent. ``owner`` must take
+    weak references (see memsess._forksafe.call_after_fork); it is not kept alive."""
+    call_after_fork(owner, _forget_after_fork)
 
 
-def reset_after_fork(pool: _ForkAware) -> None:
-    """Have ``pool._forget_after_fork()`` called in every forked child, so a
-    child never shares a socket with its parent."""
-    _FORK_AWARE.add(pool)
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_FORK_AWARE):
-        pool._forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _forget_after_fork(owner: _ForkAware) -> None:
+    owner._forget_after_fork()
