@@ -25,9 +25,12 @@ test: setup lint
 	MEMSESS_EXPECT_BUILD=pure $(BIN)/pytest -q
 
 # The same suite on the compiled build (mypyc, built in place, removed afterwards).
+# PYTHONPATH: the build's shared library (memsess_compiled__mypyc) sits at the top of
+# the checkout, which the editable install does not put on sys.path (a wheel puts it
+# in site-packages).
 test-compiled: setup
 	$(BIN)/python scripts/build-compiled
-	MEMSESS_EXPECT_BUILD=compiled $(BIN)/pytest -q; status=$$?; \
+	PYTHONPATH=$(CURDIR) MEMSESS_EXPECT_BUILD=compiled $(BIN)/pytest -q; status=$$?; \
 	$(BIN)/python scripts/build-compiled --clean; exit $$status
 
 # mypy and lint-imports see adapters/ as memsess.adapters through the link (see the script).
