@@ -1,7 +1,7 @@
 """What bench/cpu.py sets memsess beside, measured in the bench's own process.
 
-pymemcache ``HashClient`` (pooled, one copy: get + msgpack, msgpack + set with noreply
-off), the raw two-copy floor (a get sent to two servers, then both replies read),
+pymemcache ``HashClient`` (pooled and not, one copy: get + msgpack, msgpack + set with
+noreply off), the raw two-copy floor (a get sent to two servers, then both replies read),
 ``aiomcache.Client`` and the raw asyncio floor (bench/aio.py's), and PHP's session
 handlers in a PHP process of their own: pecl memcache (php-memcache, the issue's
 reference: bench/php_memcache_session.php) and php-memcached (bench/concurrency.py's
@@ -62,14 +62,20 @@ class Peers:
         self.hash = PymemcacheHash(
             servers, ttl=TTL, timeout=TIMEOUT, dead_timeout=RETRY_INTERVAL, use_pooling=True
         )
+        # Without a pool: one connection per server, as a single-threaded app holds it
+        # (no pool's lock and bookkeeping per call): the cheapest HashClient there is.
+        self.hash_single = PymemcacheHash(
+            servers, ttl=TTL, timeout=TIMEOUT, dead_timeout=RETRY_INTERVAL, use_pooling=False
+        )
         self.raw = [RawTCP(address) for address in servers[:2]]
         self.loop = asyncio.new_event_loop()
         self.aiomcache = AiomcacheSessions(servers[0], pool_size=AIOMCACHE_DEFAULT_POOL)
         self.async_floor = RawFloor(self.loop, servers[:2])
         # A key per client: the floors' copies carry memsess's 16-byte record header.
         self.key, self.cycle_key, self.floor_key = _key("load"), _key("cycle"), _key("floor")
-        self.hash.save(self.key, data)
-        self.hash.save(self.cycle_key, data)
+        for client in (self.hash, self.hash_single):
+            client.save(self.key, data)
+            client.save(self.cycle_key, data)
         value = bytes(16) + msgpack.packb(data)
         for index in range(2):  # both floors read servers 0 and 1
             cluster.set_raw(index, self.floor_key, value, exptime=TTL)
@@ -79,12 +85,13 @@ class Peers:
         run(self.aiomcache.save(self.key, data))
         run(self.aiomcache.save(self.cycle_key, data))
 
-    def cycle(self, key: bytes | None = None) -> None:
+    def cycle(self, key: bytes | None = None, *, pooled: bool = True) -> None:
         key = key or self.cycle_key
-        loaded = self.hash.load(key)
+        client = self.hash if pooled else self.hash_single
+        loaded = client.load(key)
         if loaded is None:
             raise RuntimeError("HashClient: a saved session read as missing")
-        self.hash.save(key, loaded)
+        client.save(key, loaded)
 
     async def async_cycle(self) -> None:
         loaded = await self.aiomcache.load(self.cycle_key)
@@ -95,6 +102,7 @@ class Peers:
     def round(self, calls: int) -> dict[str, dict[str, list[float]]]:
         """Each peer's operations, ``calls`` each: {peer: {op: [wall, cpu]}}."""
         hash_client, key, data, loop = self.hash, self.key, self.data, self.loop
+        single = self.hash_single
         first, second = self.raw
         aiomc = self.aiomcache
         return {
@@ -102,6 +110,11 @@ class Peers:
                 "load": timed(lambda: hash_client.load(key), calls),
                 "save": timed(lambda: hash_client.save(key, data), calls),
                 "load+save": timed(self.cycle, calls),
+            },
+            "hash single": {
+                "load": timed(lambda: single.load(key), calls),
+                "save": timed(lambda: single.save(key, data), calls),
+                "load+save": timed(lambda: self.cycle(pooled=False), calls),
             },
             "floor": {"load": timed(lambda: two_gets(first, second, self.get_line), calls)},
             "aiomcache": {
