@@ -246,16 +246,13 @@ class StoreCore:
             redundancy = min(DEFAULT_REDUNDANCY, len(servers))
         if straggler_window is not None:
             straggler_window = check_straggler_window(straggler_window)
-        self.ttl = lifetime_seconds(ttl)
-        self._exptime(self.ttl)  # ValueError now for a lifetime that ends past 2038
-        self.serializer = get_serializer(serializer)
+        seconds = lifetime_seconds(ttl)
+        exptime_of(seconds)  # ValueError now for a lifetime that ends past 2038
+        chosen = get_serializer(serializer)
         #: As given: a str stays a str. The hot path uses the bytes, encoded once.
         self.key_prefix = key_prefix
         self._prefix = _key_prefix_bytes(key_prefix)
-        self.max_item_size = _byte_count(
-            max_item_size, "max_item_size", _MIN_ITEM_SIZE, _MAX_ITEM_SIZE
-        )
-        self.max_value_size = max_item_size - _ITEM_OVERHEAD - len(self._prefix)
+        max_item_size = _byte_count(max_item_size, "max_item_size", _MIN_ITEM_SIZE, _MAX_ITEM_SIZE)
         # Sealing and compression are off by default: a memsess older than them reads a
         # sealed or compressed record as no session (a corrupt copy), so turning either
         # on is a deliberate rollout step, once every process that reads these servers
@@ -263,9 +260,8 @@ class StoreCore:
         self._sealer = None if secret_keys is None else Sealer(secret_keys)
         if compress_threshold is not None:
             compress_threshold = _byte_count(compress_threshold, "compress_threshold", 0)
-        self.compress_threshold = compress_threshold
-        self._codec = codec_id(compression)
-        self.max_session_size = _byte_count(max_session_size, "max_session_size", 1)
+        codec = codec_id(compression)
+        max_session_size = _byte_count(max_session_size, "max_session_size", 1)
         self._metrics = Metrics()
         self._clock = VersionClock()
         self._cluster = Cluster(
@@ -294,15 +290,15 @@ class StoreCore:
             plans=self._plans,
             metrics=self._metrics,
             clock=self._clock,
-            serializer=self.serializer,
+            serializer=chosen,
             prefix=self._prefix,
-            ttl=self.ttl,
+            ttl=seconds,
             sealer=self._sealer,
-            compress_threshold=self.compress_threshold,
-            codec=self._codec,
-            max_session_size=self.max_session_size,
-            max_item_size=self.max_item_size,
-            max_value_size=self.max_value_size,
+            compress_threshold=compress_threshold,
+            codec=codec,
+            max_session_size=max_session_size,
+            max_item_size=max_item_size,
+            max_value_size=max_item_size - _ITEM_OVERHEAD - len(self._prefix),
         )
         # Probes and repairs run on a thread of their own with the blocking driver,
         # whichever driver the requests use: no request ever waits for them.
@@ -338,6 +334,34 @@ class StoreCore:
     @property
     def redundancy(self) -> int:
         return self._cluster.redundancy
+
+    # The settings the operations use, read-only: each request reads them from there.
+
+    @property
+    def ttl(self) -> int:
+        """Seconds a session lives after its last save or touch."""
+        return self._ops.ttl
+
+    @property
+    def serializer(self) -> Serializer:
+        return self._ops.serializer
+
+    @property
+    def max_item_size(self) -> int:
+        return self._ops.max_item_size
+
+    @property
+    def max_value_size(self) -> int:
+        """The longest record that fits the servers' items: max_item_size less room."""
+        return self._ops.max_value_size
+
+    @property
+    def compress_threshold(self) -> int | None:
+        return self._ops.compress_threshold
+
+    @property
+    def max_session_size(self) -> int:
+        return self._ops.max_session_size
 
     new_id = staticmethod(new_id)
 

@@ -20,6 +20,7 @@ from conftest import TEST_TIMEOUT, StoreFactory, all_keys, server_indexes
 from memsess import (
     NoServerAvailableError,
     ServerError,
+    ServerSpec,
     SessionGoneError,
     SessionStore,
     SessionTooLargeError,
@@ -525,3 +526,26 @@ def test_importing_memsess_imports_no_framework() -> None:
         [sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=False
     )
     assert app.stdout.strip() == "[]", app.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ttl", 600),
+        ("max_item_size", 64 * 1024),
+        ("max_session_size", 1000),
+        ("compress_threshold", 100),
+    ],
+)
+def test_a_setting_read_off_the_store_is_the_one_it_uses_and_cannot_be_changed_later(
+    name: str, value: int
+) -> None:
+    # Each request reads its settings from the store's operations: an attribute the
+    # store let be set afterwards would be ignored there, silently.
+    options: dict[str, Any] = {name: value}
+    store = SessionStore([ServerSpec("tcp", "127.0.0.1", 1)], **options)
+    assert getattr(store, name) == value
+    with pytest.raises(AttributeError):
+        setattr(store, name, value + 1)
+    assert getattr(store, name) == value
+    store.close()
