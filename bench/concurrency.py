@@ -24,7 +24,7 @@ from memsess import SessionStore
 from memsess.testing import LocalCluster
 
 REDUNDANCY = 2
-PHP_SCRIPT = Path(__file__).resolve().parent / "php_session_lock.php"
+PHP_SCRIPT = Path(__file__).resolve().parent / "php_session_cycle.php"
 
 
 def php_with_memcached() -> str | None:
@@ -48,7 +48,12 @@ def php_cycles(
         best = (float("inf"), float("inf"))
         for _ in range(rounds):
             out = subprocess.run(
-                [php, str(PHP_SCRIPT), save_path, str(iterations), locking, "1"],
+                [
+                    *(php, str(PHP_SCRIPT), save_path, str(iterations), "memcached"),
+                    f"memcached.sess_locking={locking}",
+                    "memcached.sess_number_of_replicas=1",
+                    "memcached.sess_binary_protocol=1",  # replicas need it
+                ],
                 capture_output=True,
                 text=True,
                 check=True,

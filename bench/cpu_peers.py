@@ -3,9 +3,9 @@
 pymemcache ``HashClient`` (pooled and not, one copy: get + msgpack, msgpack + set with
 noreply off), the raw two-copy floor (a get sent to two servers, then both replies read),
 ``aiomcache.Client`` and the raw asyncio floor (bench/aio.py's), and PHP's session
-handlers in a PHP process of their own: pecl memcache (php-memcache, the issue's
-reference: bench/php_memcache_session.php) and php-memcached (bench/concurrency.py's
-runs), each skipped when its extension is absent. Timed with bench/cpu_worker.py's
+handlers in a PHP process of their own, both through bench/php_session_cycle.php:
+pecl memcache (php-memcache, the issue's reference) and php-memcached (bench/
+concurrency.py's runs), each skipped when its extension is absent. Timed with bench/cpu_worker.py's
 helpers, so that memsess (timed in its workers) and its peers are timed by one code.
 """
 
@@ -31,7 +31,7 @@ from bench.floor import RawTCP
 
 __all__ = ["PHP_MEMCACHE", "Peers", "Php", "two_gets"]
 
-PHP_MEMCACHE_SCRIPT: Final = Path(__file__).resolve().parent / "php_memcache_session.php"
+PHP_SCRIPT: Final = Path(__file__).resolve().parent / "php_session_cycle.php"
 #: pecl memcache's memcache.session_redundancy for two copies (its default; checked).
 PHP_MEMCACHE_REDUNDANCY: Final = 2
 #: The pecl memcache row's name (php-memcached's are bench/concurrency.py's).
@@ -181,9 +181,9 @@ class Php:
 
     def _memcache_run(self, php: str, iterations: int) -> list[float]:
         save_path = ", ".join(f"tcp://{server.address}" for server in self.cluster.servers)
-        argv = [php, str(PHP_MEMCACHE_SCRIPT), save_path, str(iterations)]
+        argv = [php, str(PHP_SCRIPT), save_path, str(iterations), "memcache"]
         out = subprocess.run(
-            [*argv, str(PHP_MEMCACHE_REDUNDANCY)],
+            [*argv, f"memcache.session_redundancy={PHP_MEMCACHE_REDUNDANCY}"],
             capture_output=True,
             text=True,
             check=True,

@@ -1,16 +1,23 @@
 <?php
-// PHP's pecl memcache session handler (php-memcache, the "memcache" extension), as
-// bench/cpu.py compares it: session_start() (the lock, then the read), a change,
+// One PHP session handler's cycle, as bench/concurrency.py and bench/cpu.py compare
+// it: session_start() (with a lock: the lock, then the read), a change,
 // session_write_close() (the write, then the lock's release), N times in a row on one
 // session. Prints one JSON line: wall and CPU (this process's) microseconds per cycle,
 // and the session's storage key (so the caller can count its copies).
-// php bench/php_memcache_session.php SAVE_PATH ITERATIONS SESSION_REDUNDANCY
-// SAVE_PATH: "tcp://127.0.0.1:11211, tcp://127.0.0.1:11212, ..."
-// SESSION_REDUNDANCY: memcache.session_redundancy (its default, 2, keeps two copies).
-[$script, $savePath, $iterations, $redundancy] = $argv;
-ini_set('session.save_handler', 'memcache');
+// php bench/php_session_cycle.php SAVE_PATH ITERATIONS HANDLER [INI=VALUE ...]
+// HANDLER: session.save_handler, "memcached" (php-memcached) or "memcache" (pecl
+// memcache); each INI=VALUE is set before the session starts, e.g.
+// memcached.sess_locking=1 or memcache.session_redundancy=2.
+[$script, $savePath, $iterations, $handler] = $argv;
+ini_set('session.save_handler', $handler);
 ini_set('session.save_path', $savePath);
-ini_set('memcache.session_redundancy', $redundancy);
+foreach (array_slice($argv, 4) as $setting) {
+    [$name, $value] = explode('=', $setting, 2);
+    if (ini_set($name, $value) === false) {
+        fwrite(STDERR, "cannot set $name\n");
+        exit(2);
+    }
+}
 ini_set('session.use_cookies', '0');
 ini_set('session.cache_limiter', '');
 ini_set('session.serialize_handler', 'php_serialize');
