@@ -621,7 +621,9 @@ def test_check_fails_a_server_that_answers_stats_but_never_a_session_command(
     assert f"DEGRADED: down: {fake.address}" in result.stdout
     cells = row(result.stdout, fake.address)
     assert f"no: set: no reply within {TIMEOUT:g} s" in cells
-    assert cells.split()[-1] == "suspect"  # the probe load timed out too: they agree
+    # The probe loads timed out too, so memsess's own health agrees: suspect after one
+    # timeout, down when two of the random probe ids both reached this server.
+    assert cells.split()[-1] in {"suspect", "down"}
     # The round trip's own key, a session-sized value, and a lifetime that cleans up
     # after a delete that never came.
     (command,) = [line for line in received if line.startswith(b"set ")]
