@@ -36,6 +36,24 @@ def php_with_memcached() -> str | None:
     return php if "memcached" in modules.split() else None
 
 
+def php_session_cycle(
+    php: str, save_path: str, iterations: int, handler: str, *settings: str
+) -> dict[str, Any]:
+    """One run of bench/php_session_cycle.php: its JSON answer (wall_us, cpu_us, key),
+    a RuntimeError when the session read back at the end was not the one written."""
+    out = subprocess.run(
+        [php, str(PHP_SCRIPT), save_path, str(iterations), handler, *settings],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    if not result["ok"]:
+        raise RuntimeError(f"the PHP session cycle read back the wrong data: {out}")
+    return result
+
+
 def php_cycles(
     php: str, cluster: LocalCluster, *, iterations: int, rounds: int
 ) -> dict[str, tuple[float, float]]:
@@ -47,21 +65,15 @@ def php_cycles(
     for name, locking in (("PHP memcached, sess_locking on", "1"), ("PHP memcached, no lock", "0")):
         best = (float("inf"), float("inf"))
         for _ in range(rounds):
-            out = subprocess.run(
-                [
-                    *(php, str(PHP_SCRIPT), save_path, str(iterations), "memcached"),
-                    f"memcached.sess_locking={locking}",
-                    "memcached.sess_number_of_replicas=1",
-                    "memcached.sess_binary_protocol=1",  # replicas need it
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=120,
+            result = php_session_cycle(
+                php,
+                save_path,
+                iterations,
+                "memcached",
+                f"memcached.sess_locking={locking}",
+                "memcached.sess_number_of_replicas=1",
+                "memcached.sess_binary_protocol=1",  # replicas need it
             )
-            result = json.loads(out.stdout)
-            if not result["ok"]:
-                raise RuntimeError(f"the PHP session cycle read back the wrong data: {out}")
             best = min(best, (result["wall_us"], result["cpu_us"]))
         found[name] = best
     return found

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import shutil
 import subprocess
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Final
 
 import msgpack
@@ -25,13 +23,12 @@ import msgpack
 from bench.aio import AIOMCACHE_DEFAULT_POOL, AiomcacheSessions, RawFloor
 from bench.baselines import PymemcacheHash
 from bench.common import RETRY_INTERVAL, TIMEOUT, TTL, LocalCluster, addresses
-from bench.concurrency import php_cycles, php_with_memcached
+from bench.concurrency import php_cycles, php_session_cycle, php_with_memcached
 from bench.cpu_worker import async_timed, run_threads, timed
 from bench.floor import RawTCP
 
 __all__ = ["PHP_MEMCACHE", "Peers", "Php", "two_gets"]
 
-PHP_SCRIPT: Final = Path(__file__).resolve().parent / "php_session_cycle.php"
 #: pecl memcache's memcache.session_redundancy for two copies (its default; checked).
 PHP_MEMCACHE_REDUNDANCY: Final = 2
 #: The pecl memcache row's name (php-memcached's are bench/concurrency.py's).
@@ -181,17 +178,8 @@ class Php:
 
     def _memcache_run(self, php: str, iterations: int) -> list[float]:
         save_path = ", ".join(f"tcp://{server.address}" for server in self.cluster.servers)
-        argv = [php, str(PHP_SCRIPT), save_path, str(iterations), "memcache"]
-        out = subprocess.run(
-            [*argv, f"memcache.session_redundancy={PHP_MEMCACHE_REDUNDANCY}"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
-        result = json.loads(out.stdout)
-        if not result["ok"]:
-            raise RuntimeError(f"the PHP session cycle read back the wrong data: {out}")
+        redundancy = f"memcache.session_redundancy={PHP_MEMCACHE_REDUNDANCY}"
+        result = php_session_cycle(php, save_path, iterations, "memcache", redundancy)
         key = result["key"].encode()
         copies = sum(
             self.cluster.get_raw(index, key) is not None
